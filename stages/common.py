@@ -1,0 +1,143 @@
+"""Small helpers every stage shares: logging, atomic writes, stable JSON, seeding, provenance."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from stages.config import ParamsError
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on: shown as one clear message, without a traceback."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure the root logger once, at a stage's entry point (never at import time)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+
+
+def run_stage(main: Callable[[list[str] | None], int | None],
+              argv: list[str] | None = None) -> int:
+    """Run a stage's ``main`` with logging set up; user errors become exit code 1 or 2.
+
+    Exit 2: bad params (nothing was done). Exit 1: the stage failed (nothing partial is left).
+    """
+    setup_logging()
+    try:
+        return main(argv) or 0
+    except ParamsError as exc:
+        logging.getLogger("stages").error("%s", exc)
+        return 2
+    except StageError as exc:
+        logging.getLogger("stages").error("%s", exc)
+        return 1
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success it replaces ``final``, else it is removed.
+
+    Works for files and directories: whatever is written at the yielded path is moved into place
+    with one ``os.replace`` (same directory, so same filesystem), so readers never see half a file.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp",
+                                    dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # the caller creates a file or a directory here
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def dumps_json(data: Any) -> str:
+    """Stable JSON: sorted keys, fixed indent, trailing newline, NaN refused."""
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as stable JSON, atomically (same input gives byte-identical files)."""
+    write_text_atomic(path, dumps_json(data))
+
+
+def round_floats(data: Any, digits: int = 6) -> Any:
+    """Round every float in nested dicts/lists, so metrics files don't show float noise."""
+    if isinstance(data, float):
+        return data if not math.isfinite(data) else round(data, digits)
+    if isinstance(data, dict):
+        return {k: round_floats(v, digits) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [round_floats(v, digits) for v in data]
+    return data
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and MXNet from one value (called from a stage's main only)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import mxnet as mx
+    except ImportError:  # stages that never touch MXNet need not import it
+        return
+    mx.random.seed(seed)
+
+
+def file_digest(path: str | Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read in chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+LIBRARIES = ("mxnet", "gluoncv", "numpy", "pycocotools", "dvc", "opencv-python")
+
+
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that shape results (for provenance records)."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def main_guard(main: Callable[[list[str] | None], int | None]) -> None:
+    """``if __name__ == "__main__": main_guard(main)`` — run and exit with the stage's code."""
+    sys.exit(run_stage(main))

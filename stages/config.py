@@ -1,0 +1,124 @@
+"""Reading and validating ``params.yaml``: read once at a stage's entry, validated strictly.
+
+Each stage declares the shape of its section as a pydantic model (a well-kept library that
+already reports the key, the bad value and what is allowed); this module turns its errors into
+one readable message and rejects unknown keys, so a typo in params.yaml is never ignored.
+"""
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PARAMS_FILE = "params.yaml"
+
+# Every top-level section any params.yaml of this project may have (main and demo pipelines).
+SECTIONS = ("data", "download", "unpack", "generate", "convert", "train", "quantize",
+            "evaluate", "compare", "plots")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or has a key/value the stage cannot accept."""
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Load params.yaml as a mapping and reject top-level sections nobody reads."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(SECTIONS)}")
+    return data
+
+
+def parse_section(data: dict[str, Any], section: str, model: type[M],
+                  source: str = PARAMS_FILE) -> M:
+    """Validate ``data[section]`` against ``model``; raise ParamsError naming every bad key."""
+    if section not in data:
+        raise ParamsError(f"{source}: missing section '{section}'")
+    try:
+        return model.model_validate(data[section])
+    except ValidationError as exc:
+        raise ParamsError(format_errors(exc, section, model, source)) from None
+
+
+def load_section(section: str, model: type[M], path: str | Path = PARAMS_FILE) -> M:
+    """Read params.yaml and return its validated ``section`` (the usual stage entry call)."""
+    return parse_section(read_params_file(path), section, model, str(path))
+
+
+def format_errors(exc: ValidationError, section: str, model: type[BaseModel],
+                  source: str = PARAMS_FILE) -> str:
+    """One line per problem: ``source: section.key.sub: what is wrong (got value)``."""
+    lines = [f"{source}: invalid params in section '{section}':"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join([section, *loc])
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    """Field names of the (nested) model found at ``loc``; empty when it cannot be resolved."""
+    current = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        else:  # list item index or dict key: step into the value type
+            args = typing.get_args(current)
+            if not args:
+                return []
+            current = args[-1]
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Optional[...] / Annotated[...] so nested models can be found."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            models = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(models) != 1:
+                return tp
+            tp = models[0]
+        else:
+            return tp
