@@ -28,8 +28,29 @@ class StageError(RuntimeError):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure the root logger once, at a stage's entry point (never at import time)."""
+    """Configure the root logger once, at a stage's entry point (never at import time).
+
+    A stage run as ``python -m stages.x`` logs under ``__main__``; its records are shown under
+    the module's real name (``stages.x``) so ``dvc repro`` output says which stage is talking.
+    """
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_MainNameFilter(spec.name))
+
+
+class _MainNameFilter(logging.Filter):
+    """Rename records of the ``__main__`` logger (and its children) to the module's name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.main_name = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "__main__" or record.name.startswith("__main__."):
+            record.name = self.main_name + record.name[len("__main__"):]
+        return True
 
 
 def run_stage(main: Callable[[list[str] | None], int | None],

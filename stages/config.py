@@ -70,6 +70,23 @@ def load_section(section: str, model: type[M], path: str | Path = PARAMS_FILE) -
     return parse_section(read_params_file(path), section, model, str(path))
 
 
+def load_branch(section: str, branch: str, model: type[M], path: str | Path = PARAMS_FILE) -> M:
+    """Read params.yaml and return the validated ``section.<branch>`` (e.g. ``train.voc``).
+
+    For sections keyed by branch (``train: {voc: {...}}``); errors name ``section.branch.key``.
+    """
+    data = read_params_file(path)
+    if section not in data:
+        raise ParamsError(f"{path}: missing section '{section}'")
+    branches = data[section]
+    if not isinstance(branches, dict) or branch not in branches:
+        known = ", ".join(sorted(map(str, branches))) if isinstance(branches, dict) else "none"
+        raise ParamsError(f"{path}: missing '{section}.{branch}' "
+                          f"(branches in section '{section}': {known})")
+    name = f"{section}.{branch}"
+    return parse_section({name: branches[branch]}, name, model, str(path))
+
+
 def format_errors(exc: ValidationError, section: str, model: type[BaseModel],
                   source: str = PARAMS_FILE) -> str:
     """One line per problem: ``source: section.key.sub: what is wrong (got value)``."""

@@ -26,3 +26,17 @@ def _quiet_tools_env():
 def repo_root() -> Path:
     """The project checkout the tests run from."""
     return REPO_ROOT
+
+
+@pytest.fixture
+def archive_server(monkeypatch):
+    """A real HTTP server on 127.0.0.1 serving files the test adds (see tests/httpserver.py).
+
+    Loopback is exempted from any proxy set in the environment, so the tests reach the server.
+    """
+    from tests.httpserver import ArchiveServer
+
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    with ArchiveServer() as server:
+        yield server
