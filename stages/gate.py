@@ -1,0 +1,230 @@
+"""Regression gate: do the metrics meet their targets, and did they regress against a revision?
+
+    python -m stages.gate [--against REV] [--report FILE]
+
+Run from the directory of a pipeline (its dvc.yaml and params.yaml), after ``dvc repro``. The
+metrics files are the ones that dvc.yaml declares (DVC's index is asked, so no path is repeated
+here), read as the compare stage reads them; targets and knobs are params.yaml ``compare`` (see
+stages/compare.py). With ``--against REV`` it also runs ``dvc metrics diff --json REV`` and
+fails when a target's metric got worse than its regression tolerance (direction as in the
+target: higher is better for mAP and accuracy).
+
+Exit codes: 0 every check passes; 1 a target, floor or regression check fails; 2 the gate cannot
+judge (a metrics file or key missing, NaN/inf, unreadable JSON, DVC failing, bad params, no
+target applies). It fails closed: nothing it cannot read ever counts as a pass. The Markdown
+table it prints to stdout is also written to ``--report`` for a CI job to post.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from stages.common import main_guard, write_text_atomic
+from stages.compare import (FAIL, MISSING, PASS, Row, Target, check, compare, fmt,
+                            load_compare_params, lookup_metric, read_metrics_files)
+from stages.config import ParamsError
+
+log = logging.getLogger(__name__)
+
+DVC = (sys.executable, "-m", "dvc")  # the DVC of this environment, whatever PATH says
+VERDICTS = {PASS: "✅ pass", FAIL: "❌ **FAIL**", MISSING: "⚠️ **CANNOT JUDGE**"}
+OUTCOMES = {0: "PASS", 1: "FAIL", 2: "CANNOT JUDGE"}
+
+
+class CannotJudge(RuntimeError):
+    """The gate lacks what it needs to decide (exit 2)."""
+
+
+def run_dvc(*args: str) -> str:
+    """Run a DVC command here and return its stdout; any failure is CannotJudge."""
+    cmd = [*DVC, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise CannotJudge(f"cannot run dvc: {exc}") from exc
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        raise CannotJudge(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {detail[0]}")
+    return proc.stdout
+
+
+def parse_dvc_json(text: str, what: str) -> Any:
+    """DVC's ``--json`` output (it may contain NaN/Infinity, which the checks then reject)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CannotJudge(f"{what} printed no valid JSON ({exc})") from exc
+
+
+def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
+    """Metrics files declared in ``directory``'s dvc.yaml, by name (file stem) -> path from there.
+
+    Asks DVC's own index, so templated paths (``${vars}``) resolve exactly as ``dvc repro`` does
+    and metrics of other pipelines in the repo (e.g. demo/) are not mixed in. A name declared
+    twice maps to None (ambiguous).
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    directory = Path(directory).resolve()
+    dvcfile = directory / "dvc.yaml"  # DVC's fixed file name, not a project path
+    if not dvcfile.is_file():
+        raise CannotJudge(f"no dvc.yaml in {directory}: run the gate from a pipeline's directory")
+    files: list[str] = []
+    try:
+        with Repo(os.fspath(directory)) as repo:
+            index = repo.index
+            for stage in index.stages:
+                if Path(stage.dvcfile.path).resolve() == dvcfile:
+                    files += [out.fs_path for out in stage.outs if out.metric]
+            files += [os.path.join(directory, p) for p in index._metrics.get(str(dvcfile), [])]
+    except DvcException as exc:
+        raise CannotJudge(f"DVC cannot load the pipeline in {directory}: {exc}") from exc
+    by_name: dict[str, Any] = {}
+    for path in files:
+        rel = os.path.relpath(path, directory)
+        name = Path(rel).stem
+        by_name[name] = None if name in by_name and by_name[name] != rel else rel
+    return by_name
+
+
+def resolve_paths(names: Iterable[str], declared: Mapping[str, str | None]) -> dict[str, str]:
+    """Path of each metrics file the checks need; undeclared or ambiguous names: CannotJudge."""
+    paths = {}
+    for name in sorted(set(names)):
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise CannotJudge(f"no metrics file named {name!r} is declared in dvc.yaml "
+                              f"(declared: {known})")
+        if declared[name] is None:
+            raise CannotJudge(f"more than one metrics file in dvc.yaml is named {name!r}")
+        paths[name] = declared[name]
+    return paths
+
+
+def base_metrics(rev: str, paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The values at ``rev`` via ``dvc metrics diff --json --all REV``: name -> {key: old}."""
+    diff = parse_dvc_json(run_dvc("metrics", "diff", "--json", "--all", rev,
+                                  "--targets", *paths.values()), "dvc metrics diff")
+    if not isinstance(diff, dict):
+        raise CannotJudge(f"dvc metrics diff printed {type(diff).__name__}, not an object")
+    by_path = {os.path.normpath(p): v for p, v in diff.items()}
+    base: dict[str, dict[str, Any]] = {}
+    for name, path in paths.items():
+        keys = by_path.get(os.path.normpath(path)) or {}
+        base[name] = {k: v["old"] for k, v in keys.items()
+                      if isinstance(v, dict) and v.get("old") is not None}
+    return base
+
+
+def regressions(current: Mapping[str, Any], base: Mapping[str, Mapping[str, Any]],
+                targets: Iterable[Target], rev: str, allow_missing_base: bool) -> list[Row]:
+    """One row per target metric: how far it moved from ``base`` and whether that is allowed."""
+    rows = []
+    for t in targets:
+        tolerance = t.tolerance if t.regression_tolerance is None else t.regression_tolerance
+        new, why = lookup_metric(current, t.metric)
+        stem, key = t.metric.split(".", 1)
+        if key not in base.get(stem, {}):
+            note = f"no value at {rev}"
+            if new is not None and allow_missing_base:
+                rows.append(Row(t.metric, "regression", t.metric, new, None, None, tolerance,
+                                PASS, note + " (new metric; allow_missing_base)"))
+                continue
+            rows.append(Row(t.metric, "regression", t.metric, new, None, None, tolerance,
+                            MISSING, why or note + " (compare.gate.allow_missing_base accepts "
+                            "new metrics)"))
+            continue
+        old, old_why = lookup_metric(base, t.metric)
+        rows.append(check(t.metric, "regression", t.metric, new, old, tolerance, t.direction,
+                          why or (old_why and f"at {rev}: {old_why}")))
+    return rows
+
+
+def exit_code(rows: Sequence[Row]) -> int:
+    """2 if any check cannot be judged (or there are none), else 1 if any fails, else 0."""
+    if not rows or any(r.status == MISSING for r in rows):
+        return 2
+    return 1 if any(r.status == FAIL for r in rows) else 0
+
+
+def render_markdown(rows: Sequence[Row], against: str | None) -> str:
+    """The report: outcome line, then one table row per check."""
+    code = exit_code(rows)
+    lines = [f"### SSD reproduction gate: {OUTCOMES[code]} (exit {code})", "",
+             "| check | metric | value | target / base | delta | tolerance | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        check_name = f"vs `{against}`" if r.kind == "regression" else r.kind
+        verdict = VERDICTS[r.status] + (f" — {r.note}" if r.note else "")
+        cells = [check_name, f"`{r.metric}`", fmt(r.value), fmt(r.target),
+                 fmt(r.delta, signed=True), fmt(r.tolerance), verdict]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_error(reason: str) -> str:
+    return (f"### SSD reproduction gate: {OUTCOMES[2]} (exit 2)\n\n"
+            f"The gate could not judge: {reason}\n")
+
+
+def run_checks(against: str | None) -> list[Row]:
+    """Every check the gate makes, from params.yaml, DVC's declarations and DVC's values."""
+    params, targets = load_compare_params()
+    if not targets:
+        raise CannotJudge("no target in params.yaml `compare.targets` applies to these params")
+    names = [t.metric for t in targets]
+    names += [m for f in params.floors for m in (f.metric, f.reference)]
+    paths = resolve_paths((n.split(".", 1)[0] for n in names), declared_metrics())
+    current = read_metrics_files(list(paths.values()))
+    rows = compare(current, targets, params.floors)
+    if against is not None:
+        base = base_metrics(against, paths)
+        rows += regressions(current, base, targets, against, params.gate.allow_missing_base)
+    return rows
+
+
+def publish(report: str, path: str | None) -> None:
+    """The report is the product: stdout, and the --report file if asked."""
+    sys.stdout.write(report)
+    sys.stdout.flush()
+    if path:
+        write_text_atomic(path, report)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.gate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", metavar="REV",
+                        help="git revision to check for regressions (e.g. origin/main)")
+    parser.add_argument("--report", metavar="FILE", help="also write the Markdown report here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        rows = run_checks(args.against)
+    except (CannotJudge, ParamsError) as exc:
+        log.error("%s", exc)
+        publish(render_error(str(exc)), args.report)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a crash must not read as a verdict: fail closed
+        log.exception("gate crashed")
+        publish(render_error(f"the gate crashed: {type(exc).__name__}: {exc}"), args.report)
+        return 2
+    publish(render_markdown(rows, args.against), args.report)
+    code = exit_code(rows)
+    log.log(logging.INFO if code == 0 else logging.ERROR, "gate: %s (exit %d)",
+            OUTCOMES[code], code)
+    return code
+
+
+if __name__ == "__main__":
+    main_guard(main)

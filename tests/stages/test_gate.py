@@ -1,0 +1,220 @@
+"""The gate against real git + DVC in temporary repositories (no mocks of DVC)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import gate
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+DVC_YAML = """\
+vars:
+  - metrics_dir: metrics
+stages:
+  evaluate:
+    cmd: python -c "pass"
+    metrics:
+      - ${metrics_dir}/coco_fp32.json: {cache: false}
+      - ${metrics_dir}/coco_int8.json: {cache: false}
+      - ${metrics_dir}/speed_coco_int8.json: {cache: false}
+"""
+
+PARAMS = """\
+convert: {coco: {head: seed}}
+compare:
+  targets:
+    - {metric: coco_fp32.map, value: 24.059, tolerance: 0.3, regression_tolerance: 0.1,
+       when: {convert.coco.head: seed}}
+    - {metric: coco_fp32.map, value: 25.1, tolerance: 0.2, when: {convert.coco.head: gluoncv}}
+    - {metric: coco_int8.map, value: 23.879, tolerance: 0.4, regression_tolerance: 0.1}
+  floors:
+    - {metric: coco_int8.map, reference: coco_fp32.map, ratio: 0.99}
+  gate: {allow_missing_base: false}
+"""
+
+GOOD = {"coco_fp32": {"map": 24.1, "map50": 41.2}, "coco_int8": {"map": 23.9},
+        "speed_coco_int8": {"images_per_s": 4.4}}
+
+
+def sh(cwd, *cmd):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
+    return proc.stdout
+
+
+def write_metrics(root: Path, metrics: dict) -> None:
+    for name, data in metrics.items():
+        path = root / "metrics" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def commit(root: Path, message: str) -> None:
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", message)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A git + DVC repo whose first commit holds passing metrics."""
+    root = tmp_path_factory.mktemp("gate") / "repo"
+    root.mkdir()
+    sh(root, "git", "init", "-q")
+    sh(root, DVC, "init", "-q")
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "params.yaml").write_text(PARAMS)
+    write_metrics(root, GOOD)
+    commit(root, "first metrics")
+    return root
+
+
+@pytest.fixture
+def repo(template, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(template, root, symlinks=True)
+    return root
+
+
+def run_gate(root: Path, monkeypatch, *args: str) -> tuple[int, str]:
+    """In-process run (fast); returns the exit code and the report file's text."""
+    monkeypatch.chdir(root)
+    report = root.parent / "gate.md"
+    code = gate.main([*args, "--report", str(report)])
+    return code, report.read_text()
+
+
+def test_passing_metrics_exit_0_with_markdown_report(repo, monkeypatch, capsys):
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 0
+    assert report.startswith("### SSD reproduction gate: PASS (exit 0)")
+    assert "| target | `coco_fp32.map` | 24.1 | 24.059 | +0.041 | 0.3 | ✅ pass |" in report
+    assert ("| floor | `coco_int8.map` | 23.9 | 24.1 | -0.2 | 0.241 | ✅ pass — >= 0.99 x "
+            "coco_fp32.map |") in report
+    assert capsys.readouterr().out == report  # the table is the product: on stdout too
+
+
+@pytest.mark.parametrize("change, code, needle", [
+    ({"coco_fp32": {"map": 23.7}}, 1, "❌ **FAIL**"),                  # misses 24.059 - 0.3
+    ({"coco_int8": {"map": 23.8}, "coco_fp32": {"map": 24.2}}, 1,
+     "❌ **FAIL** — >= 0.99 x coco_fp32.map"),  # 23.8 < 0.99 x 24.2
+    ({"coco_int8": None}, 2, "cannot read metrics/coco_int8.json"),  # file missing
+    ({"coco_fp32": {"map50": 41.2}}, 2, "key 'map' missing in 'coco_fp32'"),
+    ({"coco_fp32": '{"map": NaN}'}, 2, "coco_fp32.map is not finite (nan)"),
+    ({"coco_int8": '{"map": Infinity}'}, 2, "not finite (inf)"),
+    ({"coco_fp32": '{"map": 24.1'}, 2, "metrics/coco_fp32.json is not valid JSON"),
+    ({"coco_fp32": {"map": "24.1"}}, 2, "not a number"),
+])
+def test_failing_and_unjudgeable_metrics(repo, monkeypatch, change, code, needle):
+    for name, data in change.items():
+        if data is None:
+            (repo / "metrics" / f"{name}.json").unlink()
+    write_metrics(repo, {k: v for k, v in change.items() if v is not None})
+    got, report = run_gate(repo, monkeypatch)
+    assert got == code, report
+    assert needle in report
+
+
+def test_target_follows_the_head_param(repo, monkeypatch):
+    """Switching convert.coco.head to gluoncv makes 25.1 the FP32 target: 24.1 now misses."""
+    (repo / "params.yaml").write_text(PARAMS.replace("head: seed}}", "head: gluoncv}}", 1))
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 1 and "| 24.1 | 25.1 | -1 | 0.2 | ❌ **FAIL** |" in report
+
+
+def test_bad_params_and_no_dvc_yaml_cannot_judge(repo, monkeypatch):
+    (repo / "params.yaml").write_text(PARAMS.replace("tolerance: 0.4", "tolerance: .nan"))
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 2 and "compare.targets.2.tolerance" in report
+    (repo / "params.yaml").write_text(PARAMS.replace("coco_int8.map, value",
+                                                     "coco_int9.map, value"))
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 2 and "no metrics file named 'coco_int9' is declared" in report
+    (repo / "params.yaml").write_text(PARAMS)
+    (repo / "dvc.yaml").unlink()
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 2 and "no dvc.yaml" in report
+
+
+def test_against_catches_a_regression_between_commits(repo, monkeypatch):
+    """Two commits whose metrics differ: `dvc metrics diff` shows it, the gate fails on it."""
+    # 24.1 -> 23.95 still meets the target (24.059 - 0.3) but drops more than the 0.1 allowed
+    write_metrics(repo, {"coco_fp32": {"map": 23.95, "map50": 41.2}})
+    commit(repo, "regress fp32")
+    diff = json.loads(sh(repo, DVC, "metrics", "diff", "--json", "HEAD~1"))
+    assert diff["metrics/coco_fp32.json"]["map"] == pytest.approx(
+        {"old": 24.1, "new": 23.95, "diff": -0.15})
+
+    proc = subprocess.run([sys.executable, "-m", "stages.gate", "--against", "HEAD~1",
+                           "--report", "gate.md"], cwd=repo, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = (repo / "gate.md").read_text()
+    assert proc.stdout == report
+    assert "| target | `coco_fp32.map` | 23.95 | 24.059 | -0.109 | 0.3 | ✅ pass |" in report
+    assert "| vs `HEAD~1` | `coco_fp32.map` | 23.95 | 24.1 | -0.15 | 0.1 | ❌ **FAIL** |" in report
+    assert "| vs `HEAD~1` | `coco_int8.map` | 23.9 | 23.9 | +0 | 0.1 | ✅ pass |" in report
+    (repo / "gate.md").unlink()
+
+    # no regression: against itself, and after a commit that recovers
+    assert run_gate(repo, monkeypatch, "--against", "HEAD")[0] == 0
+    write_metrics(repo, {"coco_fp32": {"map": 24.1, "map50": 41.2}})
+    commit(repo, "recover fp32")
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD~1")
+    assert code == 0, report
+    assert "| vs `HEAD~1` | `coco_fp32.map` | 24.1 | 23.95 | +0.15 | 0.1 | ✅ pass |" in report
+
+
+def test_against_fails_closed_without_a_base(repo, monkeypatch):
+    code, report = run_gate(repo, monkeypatch, "--against", "no-such-rev")
+    assert code == 2 and "unknown Git revision 'no-such-rev'" in report
+    # a metric the base revision did not have cannot be judged ...
+    write_metrics(repo, {"coco_int8": {"map": 23.9, "map_small": 5.0}})
+    (repo / "params.yaml").write_text(PARAMS.replace(
+        "  floors:", "    - {metric: coco_int8.map_small, value: 5.0, tolerance: 1.0}\n  floors:"))
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2 and "no value at HEAD" in report
+    # ... unless the params accept new metrics
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("allow_missing_base: false",
+                                                     "allow_missing_base: true"))
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 0 and "new metric" in report
+
+
+def test_a_sub_pipeline_gates_its_own_metrics(repo, monkeypatch):
+    """The demo reuses the gate from demo/: its dvc.yaml and params, not the root's same names."""
+    demo = repo / "demo"
+    demo.mkdir()
+    (demo / "dvc.yaml").write_text(DVC_YAML)
+    (demo / "params.yaml").write_text(
+        "compare:\n  targets:\n    - {metric: coco_fp32.map, value: 85.0, tolerance: 0.5}\n")
+    write_metrics(demo, {"coco_fp32": {"map": 86.0}})
+    code, report = run_gate(demo, monkeypatch)
+    assert code == 0 and "| target | `coco_fp32.map` | 86 | 85 | +1 | 0.5 | ✅ pass |" in report
+    assert "coco_int8" not in report  # root targets/metrics are not mixed in
+    commit(repo, "add demo")
+    write_metrics(demo, {"coco_fp32": {"map": 85.2}})
+    code, report = run_gate(demo, monkeypatch, "--against", "HEAD")
+    assert code == 1 and "| 85.2 | 86 | -0.8 | 0.5 | ❌ **FAIL** |" in report
+
+
+def test_user_ci_workflow_runs_the_gate(repo_root):
+    path = repo_root / ".github" / "workflows" / "ssd-repro.yml"
+    flow = yaml.safe_load(path.read_text())
+    assert "pull_request" in flow[True]  # YAML 1.1 reads the key `on` as True
+    steps = [s for job in flow["jobs"].values() for s in job["steps"]]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout"))
+    assert checkout["with"]["fetch-depth"] == 0
+    python = next(s for s in steps if s.get("uses", "").startswith("actions/setup-python"))
+    assert str(python["with"]["python-version"]) == "3.11"
+    for command in ("pip install -r requirements.txt", "dvc pull", "dvc repro",
+                    "python -m stages.gate --against", "--report"):
+        assert command in runs, command
+    assert any("github-script" in s.get("uses", "") or "gh pr comment" in s.get("run", "")
+               for s in steps)
