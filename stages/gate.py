@@ -66,8 +66,9 @@ def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
     """Metrics files declared in ``directory``'s dvc.yaml, by name (file stem) -> path from there.
 
     Asks DVC's own index, so templated paths (``${vars}``) resolve exactly as ``dvc repro`` does
-    and metrics of other pipelines in the repo (e.g. demo/) are not mixed in. A name declared
-    twice maps to None (ambiguous).
+    and metrics of other pipelines in the repo (e.g. demo/) are not mixed in. Only stage outputs
+    count (a top-level ``metrics:`` list is not read: the gate then fails closed, exit 2). A name
+    declared twice maps to None (ambiguous).
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -83,7 +84,6 @@ def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
             for stage in index.stages:
                 if Path(stage.dvcfile.path).resolve() == dvcfile:
                     files += [out.fs_path for out in stage.outs if out.metric]
-            files += [os.path.join(directory, p) for p in index._metrics.get(str(dvcfile), [])]
     except DvcException as exc:
         raise CannotJudge(f"DVC cannot load the pipeline in {directory}: {exc}") from exc
     by_name: dict[str, Any] = {}
