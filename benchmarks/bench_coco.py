@@ -1,7 +1,8 @@
-"""Throughput of the COCO detector, FP32 vs INT8: model only and end to end, batch 1/8/64.
+"""Throughput of the COCO detector, FP32 vs INT8 vs BF16: model only and end to end, batch 1/8/64.
 
     python benchmarks/bench_coco.py                              # seed head, batches 1 8 64
     python benchmarks/bench_coco.py --heads seed gluoncv gluoncv-stock --out bench.json
+    python benchmarks/bench_coco.py --precisions fp32 int8       # without BF16
 
 What it measures, all in one run on this machine (each configuration in a fresh child process
 with --threads OpenMP threads, so its peak memory is its own):
@@ -14,8 +15,13 @@ with --threads OpenMP threads, so its peak memory is its own):
 - parts (at --parts-batch): the body alone (the graph cut before the head) vs the whole model,
   i.e. what the FP32 decode + NMS costs after the body, and the one-thread cost of loading and
   preprocessing an image;
-- the INT8/FP32 ratio of each, and peak resident memory (VmHWM: ``getrusage``'s ru_maxrss would
-  carry the parent's peak over fork+exec).
+- the INT8/FP32 and BF16/FP32 ratios of each, and peak resident memory (VmHWM: ``getrusage``'s
+  ru_maxrss would carry the parent's peak over fork+exec).
+
+Precisions (``--precisions``): fp32, int8 (``stages.quantize``), bf16 (``stages.bf16``: MXNet
+AMP, convolutions in bfloat16). BF16 needs a CPU with BF16 instructions (avx512_bf16 or
+amx_bf16): without them the run stops before measuring (``stages.bf16.require_bf16``). Every
+row carries the CPU's model name (``cpu``) and the ratios only compare rows of one run.
 
 Heads: ``seed`` (MultiBoxDetection), ``gluoncv`` (GluonCV's per-class NMS with the top-k
 prefilter, the default) and ``gluoncv-stock`` (GluonCV's own graph, for the before/after).
@@ -86,9 +92,11 @@ def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
     return float((fg > 0.01).sum() / len(paths)), float((fg > 0.05).sum() / len(paths))
 
 
-def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
-    """Export FP32 models with each head and quantize them; return {(head, precision): prefix}."""
-    from stages import convert, quantize
+def prepare_models(folder: Path, heads: list[str], calib: list[Path],
+                   precisions: list[str]) -> dict:
+    """Export FP32 models with each head, quantize them and/or convert them to BF16;
+    return {(head, precision): prefix}."""
+    from stages import bf16, convert, quantize
     from stages.convert import GLUONCV_MEAN, GLUONCV_STD, HeadSpec
     from stages.inference import ImageItem, load_batch, load_symbol_block
     from stages.models import build_network, init_like_trained
@@ -107,13 +115,20 @@ def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
         det = convert.make_detector(ssd, spec, SIZE)
         fp32 = folder / f"{head}-fp32"
         convert.export_block(det, fp32, convert.check_input(SIZE))
-        # no logger: MXNet's per-layer calibration log is only switched on when one is given
-        int8_net = quantize.quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
-        int8 = folder / f"{head}-int8"
-        convert.export_block(int8_net, int8, convert.check_input(SIZE))
+        made = {"fp32": fp32}
+        if "int8" in precisions:
+            # no logger: MXNet's per-layer calibration log is only switched on when one is given
+            int8_net = quantize.quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
+            made["int8"] = folder / f"{head}-int8"
+            convert.export_block(int8_net, made["int8"], convert.check_input(SIZE))
+        if "bf16" in precisions:
+            made["bf16"] = folder / f"{head}-bf16"
+            x = convert.check_input(SIZE)
+            bf16.export_bf16(bf16.to_bf16(load_symbol_block(fp32), x), made["bf16"], x)
         meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
                 "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
-        for precision, prefix in (("fp32", fp32), ("int8", int8)):
+        for precision in precisions:
+            prefix = made[precision]
             Path(f"{prefix}-meta.json").write_text(json.dumps({**meta, "precision": precision}))
             prefixes[(head, precision)] = prefix
     return prefixes
@@ -219,20 +234,24 @@ def peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------------------------------------
 
-def report(rows: list[dict], heads: list[str], batches: list[int]) -> str:
-    lines = ["| head | mode | batch | FP32 img/s | INT8 img/s | INT8/FP32 | peak MB fp32/int8 |",
-             "|---|---|---|---|---|---|---|"]
+def report(rows: list[dict], heads: list[str], batches: list[int], precisions: list[str]) -> str:
+    others = [p for p in precisions if p != "fp32"]
+    lines = ["| head | mode | batch | " + " | ".join(f"{p.upper()} img/s" for p in precisions)
+             + "".join(f" | {p.upper()}/FP32" for p in others)
+             + f" | peak MB {'/'.join(precisions)} |",
+             "|---|---|---|" + "---|" * (len(precisions) + len(others) + 1)]
     find = {(r["head"], r["mode"], r["batch"], r["precision"]): r for r in rows}
     for head in heads:
         for mode in ("model", "e2e", "e2e-serial"):
             for b in batches:
-                f, q = find.get((head, mode, b, "fp32")), find.get((head, mode, b, "int8"))
-                if not (f and q):
+                got = [find.get((head, mode, b, p)) for p in precisions]
+                if not all(got):
                     continue
-                lines.append(f"| {head} | {mode} | {b} | {f['images_per_s']:.2f} | "
-                             f"{q['images_per_s']:.2f} | "
-                             f"{q['images_per_s'] / f['images_per_s']:.2f}x | "
-                             f"{f['peak_rss_mb']:.0f}/{q['peak_rss_mb']:.0f} |")
+                fp32 = got[0]["images_per_s"]
+                lines.append(f"| {head} | {mode} | {b} | "
+                             + " | ".join(f"{r['images_per_s']:.2f}" for r in got)
+                             + "".join(f" | {r['images_per_s'] / fp32:.2f}x" for r in got[1:])
+                             + " | " + "/".join(f"{r['peak_rss_mb']:.0f}" for r in got) + " |")
     for r in rows:
         if r["mode"] == "parts":
             lines.append(f"parts {r['head']} {r['precision']} batch {r['batch']}: "
@@ -248,6 +267,9 @@ def main() -> None:
                         choices=["seed", "gluoncv", "gluoncv-stock"],
                         help="gluoncv-stock: GluonCV's own head graph (no top-k prefilter)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "bf16"],
+                        choices=["fp32", "int8", "bf16"],
+                        help="fp32 is always measured (the ratios' reference)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--iters", type=int, default=3,
                         help="timed batches per measurement (best taken; e2e: batches per pass)")
@@ -262,7 +284,19 @@ def main() -> None:
         return
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    print(f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    from stages.bf16 import bf16_flags, cpu_name, read_cpuinfo, require_bf16
+    from stages.common import StageError
+
+    precisions = ["fp32"] + [p for p in dict.fromkeys(args.precisions) if p != "fp32"]
+    cpuinfo = read_cpuinfo()
+    if "bf16" in precisions:
+        try:
+            require_bf16(cpuinfo)  # no point timing emulated bfloat16
+        except StageError as exc:
+            sys.exit(f"{exc}\n(measure without it: --precisions fp32 int8)")
+    cpu = cpu_name(cpuinfo)
+    print(f"CPU {cpu} (BF16 flags: {', '.join(bf16_flags(cpuinfo)) or 'none'}); load average "
+          f"at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_coco_") as tmp:
         tmp = Path(tmp)
         started = time.time()
@@ -275,7 +309,7 @@ def main() -> None:
         above01, above05 = candidate_counts(ssd, paths[:8])
         print(f"candidates per image: {above01:.0f} above 0.01, {above05:.0f} above 0.05 "
               f"(of {8732 * 80} anchor-class pairs)", flush=True)
-        prefixes = prepare_models(tmp / "models", args.heads, paths[:8])
+        prefixes = prepare_models(tmp / "models", args.heads, paths[:8], precisions)
         rows = []
         for (head, precision), prefix in prefixes.items():
             for mode in ("model", "e2e"):
@@ -284,7 +318,7 @@ def main() -> None:
                            "precision": precision, "batch": b, "mode": mode,
                            "iters": args.iters if b > 1 else 4 * args.iters,
                            "repeats": args.repeats}
-                    rows.append(run_worker(job, args.threads))
+                    rows.append({**run_worker(job, args.threads), "cpu": cpu})
                     print(json.dumps(rows[-1]), flush=True)
             for mode in ("e2e-serial", "parts"):  # prefetch off; body vs head
                 rows.append(run_worker({"prefix": str(prefix), "images": str(tmp / "images"),
@@ -292,10 +326,12 @@ def main() -> None:
                                         "batch": args.parts_batch, "iters": args.iters,
                                         "repeats": args.repeats},
                                        args.threads))
+                rows[-1]["cpu"] = cpu
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n{args.threads} threads; load average at the end {os.getloadavg()[0]:.2f} "
           f"(other processes skew absolute numbers); total {time.time() - started:.0f} s\n")
-    print(report(rows, args.heads, sorted(set(args.batches + [args.parts_batch]))))
+    print(f"CPU: {cpu}")
+    print(report(rows, args.heads, sorted(set(args.batches + [args.parts_batch])), precisions))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
