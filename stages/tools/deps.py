@@ -17,21 +17,18 @@ rest in path order) and leaves every other line of the file as it is.
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import yaml
+from stages.tools.imports import PACKAGE_DIR, DepsError, closure, module_file, module_name
+from stages.tools.pipelines import Stage, load_stages
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "stages"
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../stages
 ROOT = PACKAGE_DIR.parent
 PIPELINES = ("dvc.yaml", "demo/dvc.yaml")
 # Stage modules that no pipeline cmd names but users run as stages.
@@ -41,172 +38,10 @@ EXTRA_STAGE_MODULES = ("stages.gate",)
 # them wrong unnoticed, and listing shared helpers would refetch or re-extract gigabytes.
 EXEMPT = {"download": "archives verified against the md5/sha1 pinned in params",
           "unpack": "input archives verified by download; expected paths checked"}
-CMD_MODULE = re.compile(r"(?:^|\s)python3?\s+-m\s+(\S+)")
-TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
-
-
-class DepsError(RuntimeError):
-    """The pipeline or the source cannot be read as this tool expects."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Imports
-
-def module_file(module: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
-    """The file of project module ``module`` (``stages.x`` or ``stages.x.y``), None if none."""
-    parts = module.split(".")
-    if parts[0] != package_dir.name:
-        return None
-    base = package_dir.joinpath(*parts[1:])
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
-    """``stages.x`` for ``<package_dir>/x.py`` (``stages.tools`` for ``tools/__init__.py``)."""
-    parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def imported_names(source: str, module: str, is_package: bool) -> tuple[set[str], set[str]]:
-    """Dotted names the imports in ``source`` load, anywhere in the file (function bodies and
-    conditional blocks included), relative imports resolved against ``module``.
-
-    Returns (modules, maybe): ``modules`` must be modules; ``maybe`` are the names of a
-    ``from X import name``, which are modules or attributes of X.
-    """
-    modules: set[str] = set()
-    maybe: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = module.split(".") if is_package else module.split(".")[:-1]
-                anchor = anchor[:len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            modules.add(base)
-            maybe.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif (isinstance(node, ast.Call) and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name)
-                       and node.func.id in ("import_module", "__import__")))):
-            modules.add(node.args[0].value)
-    return modules, maybe
-
-
-def project_imports(path: Path, package_dir: Path = PACKAGE_DIR) -> set[Path]:
-    """Files of the project modules ``path`` imports (and of the packages they sit in)."""
-    modules, maybe = imported_names(path.read_text(), module_name(path, package_dir),
-                                    path.name == "__init__.py")
-    found: set[Path] = set()
-    for name in modules | maybe:
-        parts = name.split(".")
-        if parts[0] != package_dir.name:
-            continue
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a, a.b and a.b.c
-            target = module_file(".".join(parts[:i]), package_dir)
-            if target is not None:
-                found.add(target)
-            elif name in modules:
-                raise DepsError(f"{path}: imports {name}, which is not a module of the project")
-            else:
-                break  # a name defined in a module (from stages.x import name)
-    return found
-
-
-def closure(entry: str, package_dir: Path = PACKAGE_DIR) -> set[Path]:
-    """Files of ``entry`` and of every project module it imports, transitively."""
-    start = module_file(entry, package_dir)
-    if start is None:
-        raise DepsError(f"no module {entry} under {package_dir}")
-    parts = entry.split(".")
-    packages = [module_file(".".join(parts[:i]), package_dir) for i in range(1, len(parts))]
-    seen, todo = set(), [start, *packages]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo.extend(project_imports(path, package_dir) - seen)
-    return seen
-
-
-# ---------------------------------------------------------------------------------------------
-# Pipelines
-
-@dataclass
-class Stage:
-    """One stage of a dvc.yaml as DVC resolves it (``group@item`` for foreach stages)."""
-
-    name: str
-    group: str  # the key under ``stages:`` (the foreach stage for its items)
-    module: str | None  # the ``python -m`` module of its cmd, None if it runs none
-    deps: list[str]
-
-
-def resolve(text: str, context: dict) -> str:
-    """``${name}`` templates replaced from ``context`` (dotted names look into mappings)."""
-    def value(match: re.Match) -> str:
-        current = context
-        for part in match.group(1).split("."):
-            if not isinstance(current, dict) or part not in current:
-                return match.group(0)  # unresolved: left as written
-            current = current[part]
-        return str(current)
-
-    return TEMPLATE.sub(value, text)
-
-
-def load_stages(dvc_yaml: Path) -> list[Stage]:
-    """The stages of ``dvc_yaml``, foreach stages expanded, cmd and deps templates resolved
-    from its ``vars`` mappings and the item."""
-    try:
-        data = yaml.safe_load(dvc_yaml.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise DepsError(f"cannot read {dvc_yaml}: {exc}") from exc
-    context: dict = {}
-    for entry in data.get("vars", []):
-        if isinstance(entry, dict):
-            context.update(entry)
-    stages = []
-    for group, body in (data.get("stages") or {}).items():
-        if "foreach" in body:
-            items = resolve_items(body["foreach"], context)
-            for key, item in items:
-                local = {**context, "item": item, "key": key}
-                stages.append(make_stage(f"{group}@{key}", group, body["do"], local))
-        else:
-            stages.append(make_stage(group, group, body, context))
-    return stages
-
-
-def resolve_items(foreach, context: dict) -> list[tuple[str, object]]:
-    """(key, item) pairs of a foreach: a list (key = item), a mapping, or a ``${var}``."""
-    if isinstance(foreach, str):
-        name = TEMPLATE.fullmatch(foreach.strip())
-        foreach = context.get(name.group(1)) if name else None
-    if isinstance(foreach, dict):
-        return [(str(k), v) for k, v in foreach.items()]
-    if isinstance(foreach, list):
-        return [(str(v), v) for v in foreach]
-    raise DepsError(f"foreach {foreach!r}: expected a list, a mapping or a ${{var}} naming one")
-
-
-def make_stage(name: str, group: str, body: dict, context: dict) -> Stage:
-    cmd = body.get("cmd", "")
-    cmd = resolve(" ".join(cmd) if isinstance(cmd, list) else str(cmd), context)
-    match = CMD_MODULE.search(cmd)
-    deps = [resolve(str(d if not isinstance(d, dict) else next(iter(d))), context)
-            for d in body.get("deps") or []]
-    return Stage(name, group, match.group(1) if match else None, deps)
-
+# Code deps in a pipeline
 
 def code_dep(dep: str, base: Path, package_dir: Path = PACKAGE_DIR) -> Path | None:
     """The project file a dep names (relative to the dvc.yaml's dir), None if not code."""

@@ -2,6 +2,7 @@
 another; the tool that computes, checks and writes them, on hand-made packages and pipelines."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import pytest
 import yaml
 
 from stages.tools import deps
-from stages.tools.deps import DepsError, closure, load_stages, problems, rewrite, stage_modules
+from stages.tools.deps import problems, rewrite, stage_modules
+from stages.tools.imports import closure, module_file
+from tests.stages.tools.test_imports import MODULES, write_package
 
 PIPELINES = [deps.ROOT / p for p in deps.PIPELINES]
 # Stage-to-stage imports that the `trust` branch removes (issue 11 §8: the `data` params model
@@ -35,27 +38,11 @@ def test_no_stage_module_imports_another():
     assert {"stages.train", "stages.convert", "stages.quantize", "stages.evaluate_coco",
             "stages.evaluate_voc", "stages.generate", "stages.download", "stages.unpack",
             "stages.compare", "stages.gate"} <= modules
-    files = {deps.module_file(m): m for m in modules}
+    files = {module_file(m): m for m in modules}
     pairs = {(m, files[f]) for m in modules for f in closure(m) & set(files)
              if files[f] != m}
     assert pairs - PENDING_ELSEWHERE == set(), "stage modules importing stage modules"
     assert PENDING_ELSEWHERE - pairs == set(), "fixed: remove these from PENDING_ELSEWHERE"
-
-
-@pytest.mark.parametrize("pipeline", PIPELINES, ids=deps.PIPELINES)
-def test_stages_are_read_as_dvc_resolves_them(pipeline):
-    """Stage names, cmd modules and deps as DVC's own index resolves the file (templating,
-    foreach), so the check sees what `dvc repro` runs."""
-    from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
-
-    root = next(p for p in pipeline.resolve().parents if (p / ".dvc").is_dir())
-    with Repo(str(root)) as repo:
-        theirs = {s.name: ([d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
-                           deps.CMD_MODULE.search(s.cmd).group(1))
-                  for s in repo.index.stages if Path(s.dvcfile.path) == pipeline.resolve()}
-    ours = {s.name: (s.deps, s.module) for s in load_stages(pipeline)}
-    assert ours == theirs and len(ours) >= 10
 
 
 def test_the_cli_checks_the_project():
@@ -66,45 +53,7 @@ def test_the_cli_checks_the_project():
 
 
 # ---------------------------------------------------------------------------------------------
-# The tool, on a hand-made package
-
-def write_package(root: Path, files: dict[str, str]) -> Path:
-    """A package named ``stages`` under ``root`` with the given module sources."""
-    for rel, text in {"__init__.py": "CONSTANT = 1\n", **files}.items():
-        path = root / "stages" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root / "stages"
-
-
-MODULES = {
-    "entry.py": "from stages.a import f\nimport stages.b as b\nfrom stages import CONSTANT\n"
-                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .e import X\n\n"
-                "def main():\n    from stages import c\n    from . import d\n"
-                "    from stages.sub.g import y\n",
-    "a.py": "from stages.common import x\n\ndef f():\n    return x\n",
-    "common.py": "x = 1\n",
-    "b.py": "", "c.py": "", "d.py": "", "e.py": "X = 1\n", "unused.py": "",
-    "sub/__init__.py": "", "sub/g.py": "from ..common import x as y\n",
-    "other.py": "import importlib\n\ndef load():\n    return importlib.import_module('stages.b')\n",
-}
-
-
-def test_the_closure_follows_every_kind_of_import(tmp_path):
-    pkg = write_package(tmp_path, MODULES)
-    got = {p.relative_to(pkg).as_posix() for p in closure("stages.entry", pkg)}
-    assert got == {"__init__.py", "entry.py", "a.py", "common.py", "b.py", "c.py", "d.py",
-                   "e.py", "sub/__init__.py", "sub/g.py"}  # not unused.py, not other.py
-    assert {p.name for p in closure("stages.other", pkg)} == {"__init__.py", "other.py", "b.py"}
-
-
-def test_an_import_of_no_project_module_is_an_error(tmp_path):
-    pkg = write_package(tmp_path, {"entry.py": "def f():\n    import stages.gone\n"})
-    with pytest.raises(DepsError, match="imports stages.gone, which is not a module"):
-        closure("stages.entry", pkg)
-    with pytest.raises(DepsError, match="no module stages.nothing"):
-        closure("stages.nothing", pkg)
-
+# The tool, on a hand-made package and pipelines
 
 PIPELINE = """\
 vars:
@@ -209,7 +158,7 @@ def test_deps_of_a_pipeline_in_a_subdirectory_are_relative_to_it(tmp_path):
 
 
 def test_the_cli_reports_drift_with_exit_1_and_writes_the_fix(tmp_path):
-    """The tool run as a script from a copy of the project: its pipelines, its package."""
+    """The CLI run on a copy of the project (its pipelines, its package first on the path)."""
     shutil.copytree(deps.PACKAGE_DIR, tmp_path / "stages",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "demo").mkdir()
@@ -217,13 +166,22 @@ def test_the_cli_reports_drift_with_exit_1_and_writes_the_fix(tmp_path):
         shutil.copy(deps.ROOT / rel, tmp_path / rel)
     main = tmp_path / "dvc.yaml"
     main.write_text(main.read_text().replace("      - stages/training.py\n", "", 1))
-    script = [sys.executable, str(tmp_path / "stages" / "tools" / "deps.py")]
+    script = [sys.executable, "-m", "stages.tools.deps"]
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))  # the copy, not the editable install
 
-    check = subprocess.run([*script, "--check"], capture_output=True, text=True, cwd=tmp_path)
+    check = subprocess.run([*script, "--check"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
     assert check.returncode == 1
     assert "stage train (python -m stages.train) imports stages.training, missing from its " \
            "deps: add stages/training.py" in check.stderr
-    write = subprocess.run([*script, "--write"], capture_output=True, text=True, cwd=tmp_path)
+    assert f"{tmp_path}/dvc.yaml: stage" in check.stderr  # the copy was checked, not ours
+    write = subprocess.run([*script, "--write"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
     assert write.returncode == 0, write.stderr
     assert main.read_text() == (deps.ROOT / "dvc.yaml").read_text()
     assert (tmp_path / "demo/dvc.yaml").read_text() == (deps.ROOT / "demo/dvc.yaml").read_text()
+
+
+def test_an_unreadable_pipeline_exits_2(tmp_path, caplog):
+    assert deps.main(["--check", str(tmp_path / "absent.yaml")]) == 2
+    assert "cannot read" in caplog.text
