@@ -92,19 +92,13 @@ def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
     return float((fg > 0.01).sum() / len(paths)), float((fg > 0.05).sum() / len(paths))
 
 
-<<<<<<< HEAD
 def prepare_models(folder: Path, heads: list[str], calib: list[Path],
                    precisions: list[str]) -> dict:
     """Export FP32 models with each head, quantize them and/or convert them to BF16;
     return {(head, precision): prefix}."""
-    from stages import bf16, convert, quantize
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD, HeadSpec
-=======
-def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
-    """Export FP32 models with each head and quantize them; return {(head, precision): prefix}."""
+    from stages import bf16
     from stages.export import check_input, export_block
     from stages.heads import HeadSpec, make_detector
->>>>>>> main
     from stages.inference import ImageItem, load_batch, load_symbol_block
     from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
     from stages.quantization import quantize
@@ -114,8 +108,7 @@ def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
     prefixes = {}
     calib_data = load_batch([ImageItem(p.name, p) for p in calib], SIZE, GLUONCV_MEAN,
                             GLUONCV_STD).data
-    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib),
-                                 batch_size=len(calib))
+    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib), batch_size=len(calib))
     for head in heads:
         ssd = build_network(NETWORK)
         init_like_trained(ssd)
@@ -123,25 +116,17 @@ def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
             HeadSpec(head)
         det = make_detector(ssd, spec, SIZE)
         fp32 = folder / f"{head}-fp32"
-<<<<<<< HEAD
-        convert.export_block(det, fp32, convert.check_input(SIZE))
+        export_block(det, fp32, check_input(SIZE))
         made = {"fp32": fp32}
         if "int8" in precisions:
             # no logger: MXNet's per-layer calibration log is only switched on when one is given
-            int8_net = quantize.quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
+            int8_net = quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
             made["int8"] = folder / f"{head}-int8"
-            convert.export_block(int8_net, made["int8"], convert.check_input(SIZE))
+            export_block(int8_net, made["int8"], check_input(SIZE))
         if "bf16" in precisions:
             made["bf16"] = folder / f"{head}-bf16"
-            x = convert.check_input(SIZE)
+            x = check_input(SIZE)
             bf16.export_bf16(bf16.to_bf16(load_symbol_block(fp32), x), made["bf16"], x)
-=======
-        export_block(det, fp32, check_input(SIZE))
-        # no logger: MXNet's per-layer calibration log is only switched on when one is given
-        int8_net = quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
-        int8 = folder / f"{head}-int8"
-        export_block(int8_net, int8, check_input(SIZE))
->>>>>>> main
         meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
                 "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
         for precision in precisions:
