@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 PARAMS_FILE = "params.yaml"
 
 # Every top-level section any params.yaml of this project may have (main and demo pipelines).
-SECTIONS = ("data", "download", "unpack", "generate", "convert", "train", "quantize",
+SECTIONS = ("data", "download", "unpack", "generate", "convert", "train", "quantize", "bf16",
             "evaluate", "compare", "plots")
 
 

@@ -17,16 +17,20 @@ the byte-for-byte test fails if a new MXNet changes them).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from stages.common import StageError
 from stages.inference import Detections, chunks, run_network, to_detections
-from stages.tuning import agreement
+from stages.tuning import TuneResult, agreement
 
 log = logging.getLogger(__name__)
 
@@ -196,18 +200,77 @@ def detect_array(net, data: np.ndarray, batch_size: int) -> list[Detections]:
     return out
 
 
-def agreement_measure(fp32_net, recipe: Recipe, cache: Thresholds,
-                      tune_data: np.ndarray, batch_size: int, num_classes: int,
-                      min_score: float) -> Callable[[list[str]], float]:
-    """``measure(keep_fp32) -> agreement`` of the candidate model with FP32 on ``tune_data``,
-    for ``stages.tuning.tune``. The FP32 detections are computed once, here."""
-    reference = detect_array(fp32_net, tune_data, batch_size)
-    if not any(len(d.ids) for d in reference):
-        raise StageError(f"the FP32 model detects nothing on the {len(tune_data)} tuning images")
+class AgreementProbe:
+    """Agreement of INT8 models with the FP32 model on the tuning images.
 
-    def measure(keep_fp32: list[str]) -> float:
-        net = quantize_candidate(fp32_net, recipe, cache, keep_fp32, tune_data)
-        return agreement(reference, detect_array(net, tune_data, batch_size), num_classes,
-                         min_score)
+    ``probe(keep_fp32)`` builds the candidate with ``keep_fp32`` in FP32 (for
+    ``stages.tuning.tune``); ``probe.of(net)`` measures a given model (the published one). The
+    FP32 detections are computed once, here.
+    """
 
-    return measure
+    def __init__(self, fp32_net, recipe: Recipe, cache: Thresholds, tune_data: np.ndarray,
+                 batch_size: int, num_classes: int, min_score: float) -> None:
+        self.fp32_net, self.recipe, self.cache = fp32_net, recipe, cache
+        self.data, self.batch_size = tune_data, batch_size
+        self.num_classes, self.min_score = num_classes, min_score
+        self.reference = detect_array(fp32_net, tune_data, batch_size)
+        if not any(len(d.ids) for d in self.reference):
+            raise StageError(f"the FP32 model detects nothing on the {len(tune_data)} tuning "
+                             "images")
+
+    def of(self, net) -> float:
+        return agreement(self.reference, detect_array(net, self.data, self.batch_size),
+                         self.num_classes, self.min_score)
+
+    def __call__(self, keep_fp32: list[str]) -> float:
+        return self.of(quantize_candidate(self.fp32_net, self.recipe, self.cache, keep_fp32,
+                                          self.data))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the quantize stage needs around it
+
+@contextlib.contextmanager
+def quiet_subgraph_log() -> Iterator[None]:
+    """Without MXNet's "Subgraph backend MKLDNN is activated" line for each of the dozens of
+    candidate models. MXNet reads MXNET_SUBGRAPH_VERBOSE once, at the process's first bind, so
+    this must wrap the first model tuning builds (it does, in the quantize stage)."""
+    old = os.environ.get("MXNET_SUBGRAPH_VERBOSE")
+    os.environ["MXNET_SUBGRAPH_VERBOSE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MXNET_SUBGRAPH_VERBOSE", None)
+        else:
+            os.environ["MXNET_SUBGRAPH_VERBOSE"] = old
+
+
+def candidate_layers(fp32_symbol_json: str, exclude_patterns: Sequence[str]) -> list[str]:
+    """The layers tuning may keep in FP32: every convolution and fully connected layer of the
+    FP32 graph that the params' patterns do not already keep in FP32, in graph order."""
+    return [n["name"] for n in json.loads(fp32_symbol_json)["nodes"]
+            if n["op"] in ("Convolution", "FullyConnected")
+            and not any(p in n["name"] for p in exclude_patterns)]
+
+
+def tuning_images(pool: Sequence[Path], calibration: Sequence[Path], n: int,
+                  seed: int) -> list[Path]:
+    """``n`` tuning images: the calibration images first, then others of the same pool drawn
+    with ``seed`` (the same inputs give the same images)."""
+    chosen = list(calibration[:n])
+    rest = sorted(set(pool) - set(chosen))
+    extra = n - len(chosen)
+    if extra > len(rest):
+        raise StageError(f"tuning needs {n} images, the calibration pool has {len(pool)}")
+    return chosen + random.Random(seed).sample(rest, extra)
+
+
+def tuning_record(result: TuneResult, after: float, images: Sequence[str],
+                  settings: dict) -> dict:
+    """The ``tuning`` entry of the INT8 meta: settings, images, agreement before/after, each
+    layer's sensitivity, the layers kept in FP32."""
+    record = result.to_dict()
+    return {"settings": dict(settings), "images": list(images),
+            "agreement_before": record.pop("baseline"), "agreement_after": after,
+            "agreement_tuning": record.pop("final"), **record}
