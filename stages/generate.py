@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from stages.common import atomic_path, file_digest, main_guard
 from stages.config import Section, load_section
+from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory to write the five archives into")
     args = parser.parse_args(argv)
     params = load_section("generate", GenerateParams)
-    with atomic_path(args.out) as tmp:
+    check_outputs(dirs={"--out": args.out})
+    with atomic_path(args.out, kind="dir") as tmp:
         digests = build_archives(params, tmp)
     for name, digest in digests.items():
         log.info("%s md5 %s sha1 %s", name, digest["md5"], digest["sha1"])
