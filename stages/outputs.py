@@ -77,7 +77,7 @@ def _kind_of(path: Path) -> str | None:
     """'link', 'dir', 'file', 'special' or None (absent), without following a symlink."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if stat.S_ISLNK(mode):
         return "link"
@@ -200,20 +200,22 @@ def check_outputs(files: Mapping[str, PathLike] | None = None,
                for p in ([group] if isinstance(group, (str, os.PathLike)) else group)]
     if params_file is not None:
         sources.append(("the params file", Path(params_file)))
+    for flag, out, kind in outputs:  # the worst first: '.', the repository, home
+        reason = protected_reason(out)
+        if reason:
+            verb = "use" if kind == "own" else "replace"
+            raise OutputError(f"{flag} {out}: refusing to {verb} it: {reason}; nothing was "
+                              "changed")
     for i, (flag, out, kind) in enumerate(outputs):
-        if kind == "own":
-            found = _kind_of(out)
-            if found not in (None, "dir"):
-                raise OutputError(f"{flag} {out}: is not a directory; nothing was changed")
-            reason = protected_reason(out)
-            if reason:
-                raise OutputError(f"{flag} {out}: refusing to use it: {reason}; "
-                                  "nothing was changed")
-        else:
-            check_replaceable(out, kind, flag)
         for other_flag, other in sources + [(f, o) for f, o, _ in outputs[i + 1:]]:
             relation = _overlap(_real(out), _real(other))
             if relation:
                 raise OutputError(f"{flag} {out}: {relation} {other_flag} {other}; an output "
                                   "must not overlap an input or another output; nothing was "
                                   "changed")
+    for flag, out, kind in outputs:
+        if kind != "own":
+            check_replaceable(out, kind, flag)
+            continue
+        if _kind_of(out) not in (None, "dir"):
+            raise OutputError(f"{flag} {out}: is not a directory; nothing was changed")
