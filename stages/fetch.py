@@ -12,7 +12,6 @@ when its md5 and sha1 both match.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -21,7 +20,6 @@ import stat
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -30,55 +28,12 @@ from tqdm import tqdm
 
 from stages.common import StageError, atomic_path
 from stages.data_params import Archive
+from stages.partial import Digests, Limits, TooLarge, Transfer, too_large
 
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".part"
 MAX_REDIRECTS = 10
-_OPEN_PARTIAL = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How patient and how generous a download is (params.yaml ``download``)."""
-
-    timeout_s: float      # connect timeout, and longest wait for the next bytes
-    retries: int          # failed attempts tolerated in a row (without progress)
-    backoff_s: float      # wait before the first retry; doubles each retry ...
-    backoff_max_s: float  # ... up to this
-    chunk_bytes: int      # largest read/write/hash block
-    deadline_s: float     # the whole archive, all attempts and waits included
-    max_bytes: int        # largest archive accepted
-
-
-@dataclass
-class Digests:
-    """md5 and sha1 of the bytes fed so far (both published checksums are checked)."""
-
-    # Integrity checks, not security: allowed on FIPS-restricted Pythons too.
-    md5: "hashlib._Hash" = field(default_factory=lambda: hashlib.md5(usedforsecurity=False))
-    sha1: "hashlib._Hash" = field(default_factory=lambda: hashlib.sha1(usedforsecurity=False))
-    size: int = 0
-
-    def update(self, data: bytes) -> None:
-        self.md5.update(data)
-        self.sha1.update(data)
-        self.size += len(data)
-
-    @classmethod
-    def of_file(cls, path: Path, chunk: int) -> "Digests":
-        """Digests of a whole file (an existing archive, or the partial file we resume)."""
-        digests = cls()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(chunk), b""):
-                digests.update(block)
-        return digests
-
-    def mismatches(self, archive: Archive) -> list[str]:
-        """``'md5 expected X, got Y'`` for each checksum that differs from the published one."""
-        got = {"md5": self.md5.hexdigest(), "sha1": self.sha1.hexdigest()}
-        return [f"{algo} expected {getattr(archive, algo)}, got {got[algo]}"
-                for algo in ("md5", "sha1") if got[algo] != getattr(archive, algo)]
 
 
 class Retryable(Exception):
@@ -87,61 +42,6 @@ class Retryable(Exception):
 
 class Restart(Exception):
     """The partial file cannot be resumed (server changed range/size): start again from zero."""
-
-
-@dataclass
-class Transfer:
-    """One archive's partial file, the digests of its bytes, and the limits it runs under."""
-
-    path: Path
-    name: str
-    limits: Limits
-    digests: Digests = field(default_factory=Digests)
-    started: float = field(default_factory=time.monotonic)
-
-    def resume_offset(self) -> int:
-        """Bytes already on disk; makes sure the digests cover exactly those bytes."""
-        size = self.path.lstat().st_size if os.path.lexists(self.path) else 0
-        if self.digests.size != size:  # a rerun found a partial file: hash what it holds first
-            self.digests = Digests.of_file(self.path, self.limits.chunk_bytes) if size \
-                else Digests()
-        return size
-
-    def truncate(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.digests = Digests()
-
-    def open(self, append: bool):
-        """The partial file for writing (never through a symlink)."""
-        flags = _OPEN_PARTIAL | (os.O_APPEND if append else os.O_TRUNC)
-        return os.fdopen(os.open(self.path, flags, 0o644), "ab" if append else "wb")
-
-    def remaining_s(self) -> float:
-        return self.limits.deadline_s - (time.monotonic() - self.started)
-
-    def check_deadline(self) -> None:
-        if self.remaining_s() <= 0:
-            raise StageError(f"{self.name}: not complete after download.deadline_s = "
-                             f"{self.limits.deadline_s:g} s ({self.digests.size} bytes so far, "
-                             "kept for a later resume); giving up")
-
-    def add(self, block: bytes, out, bar) -> None:
-        """Write and hash one block; refuse a body that grows past max_bytes."""
-        if self.digests.size + len(block) > self.limits.max_bytes:
-            raise _TooLarge()
-        out.write(block)
-        self.digests.update(block)
-        bar.update(len(block))
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _too_large(transfer: Transfer, what: str) -> StageError:
-    transfer.truncate()
-    return StageError(f"{transfer.name}: {what} more than download.max_bytes = "
-                      f"{transfer.limits.max_bytes} bytes; refused (partial file removed)")
 
 
 def _content_range(header: str | None) -> tuple[int, int | None] | None:
@@ -211,7 +111,7 @@ def http_attempt(session: requests.Session, url: str, transfer: Transfer) -> Non
             offset = 0
             total = int(length) if length.isdigit() else None
         if total is not None and total > transfer.limits.max_bytes:
-            raise _too_large(transfer, f"the server announces {total} bytes,")
+            raise too_large(transfer, f"the server announces {total} bytes,")
         _stream_body(response, transfer, offset, total)
 
 
@@ -237,8 +137,8 @@ def _stream_body(response: requests.Response, transfer: Transfer, offset: int,
                 transfer.add(block, out, bar)
             out.flush()
             os.fsync(out.fileno())
-    except _TooLarge:
-        raise _too_large(transfer, "the body grew past") from None
+    except TooLarge:
+        raise too_large(transfer, "the body grew past") from None
     if dropped is not None:
         raise Retryable(f"connection dropped after {transfer.digests.size} bytes: {dropped}")
     if total is not None and transfer.digests.size < total:
@@ -296,7 +196,7 @@ def copy_local(src: Path, transfer: Transfer) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise StageError(f"cannot copy {src}: not a regular file")
         if info.st_size > transfer.limits.max_bytes:
-            raise _too_large(transfer, f"{src} has {info.st_size} bytes,")
+            raise too_large(transfer, f"{src} has {info.st_size} bytes,")
         with open(src, "rb") as fh, transfer.open(append=False) as out, \
                 tqdm(total=info.st_size, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=transfer.name, disable=None, leave=False) as bar:
@@ -305,8 +205,8 @@ def copy_local(src: Path, transfer: Transfer) -> None:
                 transfer.add(block, out, bar)
             out.flush()
             os.fsync(out.fileno())
-    except _TooLarge:
-        raise _too_large(transfer, f"{src} grew past") from None
+    except TooLarge:
+        raise too_large(transfer, f"{src} grew past") from None
     except OSError as exc:
         raise StageError(f"cannot copy {src}: {exc.strerror or exc}") from exc
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.generate import make_samples, write_coco, write_voc
+from stages.layouts import write_coco, write_voc
+from stages.shapes import make_samples
 from stages.outputs import MARKER
 
 DVC = Path(sys.executable).with_name("dvc")

@@ -11,7 +11,8 @@ import pytest
 from stages.common import StageError
 from stages.config import load_section
 from stages.data_params import Archive
-from stages.fetch import Limits, fetch_archive, new_session
+from stages.fetch import fetch_archive, new_session
+from stages.partial import Limits
 
 LIMITS = Limits(timeout_s=1.0, retries=3, backoff_s=0.01, backoff_max_s=0.05,
                 chunk_bytes=16 * 1024, deadline_s=60.0, max_bytes=10_000_000)

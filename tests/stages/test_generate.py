@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from stages.common import run_stage
-from stages.generate import ARCHIVES, main, make_samples, write_coco, write_voc
+from stages.generate import ARCHIVES, main
+from stages.layouts import write_coco, write_voc
+from stages.shapes import make_samples
 
 CLASSES = ["rectangle", "ellipse", "triangle", "cross"]
 
