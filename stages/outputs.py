@@ -2,9 +2,9 @@
 
 Rules (every stage, through ``atomic_path`` and ``check_outputs``):
 
-- Never a protected directory: the one the stage runs in or any directory containing it (``.``,
+- Never a protected path: the directory the stage runs in or any directory containing it (``.``,
   ``..``, ``/``), a repository root (a directory holding ``.git`` or ``.dvc``), the home
-  directory.
+  directory, and the pipeline's params.yaml, dvc.yaml and dvc.lock.
 - A file output may replace a regular file or a symlink (the link itself; it is never
   followed), never a directory or a special file.
 - A directory output may replace only a directory a stage of this project wrote, recognised by
@@ -32,6 +32,7 @@ MARKER = ".ssd-repro-output"
 MARKER_TEXT = ("This directory is an output of an ssd-repro stage (python -m stages.<name>).\n"
                "The stage replaces it whole on its next run: keep nothing else here.\n")
 _TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+PIPELINE_FILES = (PARAMS_FILE, "dvc.yaml", "dvc.lock")  # in the directory a stage runs in
 
 
 class OutputError(UsageError):
@@ -51,6 +52,8 @@ def protected_reason(path: PathLike) -> str | None:
         return "it contains the directory the stage runs in"
     if real == _real(Path.home()):
         return "it is the home directory"
+    if real.parent == cwd and real.name in PIPELINE_FILES:
+        return f"it is the pipeline's {real.name}"
     if real.is_dir() and any(os.path.lexists(real / name) for name in (".git", ".dvc")):
         return "it is a repository root (it holds .git or .dvc)"
     return None
@@ -100,7 +103,8 @@ def check_replaceable(final: PathLike, kind: str | None = None, what: str = "") 
         reason = "it is a symlink; a directory output is never written through a link" \
             if kind == "dir" else None
     elif found == "file":
-        reason = "it is a file; a directory is expected here" if kind == "dir" else None
+        reason = "it is a file; a directory is expected here" if kind == "dir" else \
+            protected_reason(final)
     elif kind == "file":
         reason = "it is a directory; a file is expected here"
     else:

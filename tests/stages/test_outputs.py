@@ -96,7 +96,8 @@ def test_only_the_exact_temp_names_of_a_killed_run_are_cleaned_up(cwd):
     ({"files": {"--out": "m/a.json"}}, {"--metrics": ["m/a.json"]}, "--out m/a.json: is --metrics"),
     ({"dirs": {"--out": "data"}}, {"--archives": "data/dl"}, "--out data: contains --archives"),
     ({"dirs": {"--out": "data/dl/x"}}, {"--archives": "data/dl"}, "lies inside --archives"),
-    ({"files": {"--out": "params.yaml"}}, {}, "--out params.yaml: is the params file"),
+    ({"files": {"--out": "params.yaml"}}, {}, "--out params.yaml: refusing .* pipeline's params"),
+    ({"files": {"--out": "sub"}}, {"--in": "sub/x"}, "--out sub: contains --in sub/x"),
     ({"own_dirs": {"--out": "d", "--partial-dir": "d/p"}}, {}, "--out d: contains --partial-dir"),
 ])
 def test_outputs_must_not_overlap_inputs_or_each_other(cwd, outputs, inputs, needle):
@@ -136,3 +137,13 @@ def test_stage_entry_points_refuse_outputs_they_do_not_own(tmp_path, repo_root, 
     assert run.returncode == 2, run.stderr
     assert "refusing" in run.stderr or "is --metrics" in run.stderr, run.stderr
     assert sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml", "dvc.lock"])
+def test_pipeline_files_are_never_replaced_by_any_stage(cwd, name):
+    """Even a stage without an entry check (atomic_path alone) never overwrites them."""
+    (cwd / name).write_text("the pipeline's own")
+    with pytest.raises(OutputError, match=f"{name}: refusing to replace it: it is the "
+                                          f"pipeline's {name}"):
+        write_json(name, {"a": 1})
+    assert (cwd / name).read_text() == "the pipeline's own"
