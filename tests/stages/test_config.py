@@ -94,3 +94,15 @@ def test_unknown_network_is_a_params_error_exit_2(tmp_path):
     assert "train.voc.network: Value error, unknown network 'ssd_512_resnet'; known: demo_ssd, " \
            "ssd_300_vgg16_atrous_coco, ssd_300_vgg16_atrous_voc" in run.stderr
     assert sorted(os.listdir(tmp_path)) == ["params.yaml"]
+
+
+def test_every_network_field_is_checked_against_the_registry():
+    """convert.<branch>.network too (the same Section validator), before any model is built."""
+    from stages.convert import ConvertParams
+
+    with pytest.raises(ParamsError, match="convert.coco.network: Value error, unknown network "
+                                          "'vgg'; known: demo_ssd"):
+        parse_section({"convert.coco": {"network": "vgg", "data_shape": 300}}, "convert.coco",
+                      ConvertParams)
+    assert parse_section({"convert.coco": {"weights": "trained"}}, "convert.coco",
+                         ConvertParams).network is None  # unset: nothing to check
