@@ -8,9 +8,8 @@ layout:
 
     python -m stages.generate --out demo/data/generated      # reads params `generate`
 
-Everything is integer arithmetic on a seeded numpy Generator, OpenCV's integer rasteriser and
-libjpeg's integer DCT, and archives carry fixed mtimes/owners in sorted order, so the archives
-are byte-identical on every run and their checksums can be pinned in params.
+The five archives are byte-identical on every run, so their checksums can be pinned in params.
+``--out`` must be absent, empty or an earlier output of this stage (stages/outputs.py).
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from pydantic import Field, model_validator
 from stages.common import atomic_path, file_digest, main_guard
 from stages.config import Section, load_section
 from stages.dataset_files import pack_tar, pack_zip, write_coco, write_voc
+from stages.outputs import check_outputs
 from stages.synthetic import MAX_CLASSES, make_samples
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory to write the five archives into")
     args = parser.parse_args(argv)
     params = load_section("generate", GenerateParams)
-    with atomic_path(args.out) as tmp:
+    check_outputs(dirs={"--out": args.out})
+    with atomic_path(args.out, kind="dir") as tmp:
         digests = build_archives(params, tmp)
     for name, digest in digests.items():
         log.info("%s md5 %s sha1 %s", name, digest["md5"], digest["sha1"])

@@ -7,6 +7,7 @@ import pytest
 from stages import eval_outputs
 from stages.common import StageError
 from stages.inference import Detections, ImageItem
+from stages.outputs import MARKER
 from stages.synthetic import encode_jpeg
 
 
@@ -40,7 +41,7 @@ def test_eval_dir_has_the_files_and_samples_above_the_threshold(tmp_path):
     out = tmp_path / "eval" / "voc_fp32"
     eval_outputs.write_eval_dir(out, {"pr.csv": "recall,precision\n"}, items, dets, ["a", "b"],
                                 samples=2, draw_thresh=0.5)
-    assert sorted(p.name for p in out.iterdir()) == ["pr.csv", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "pr.csv", "samples"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["img0.png", "img1.png"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp left
 
@@ -48,6 +49,7 @@ def test_eval_dir_has_the_files_and_samples_above_the_threshold(tmp_path):
 def test_eval_dir_is_not_replaced_when_writing_fails(tmp_path):
     out = tmp_path / "eval"
     out.mkdir()
+    (out / MARKER).write_text("")  # an earlier output of a stage: it may be replaced
     (out / "old.csv").write_text("old")
     missing = ImageItem("gone", tmp_path / "gone.jpg")
     det = Detections("gone", np.zeros(0, np.int64), np.zeros(0, np.float32),
@@ -55,7 +57,7 @@ def test_eval_dir_is_not_replaced_when_writing_fails(tmp_path):
     with pytest.raises(StageError, match="cannot read image"):
         eval_outputs.write_eval_dir(out, {"new.csv": "x"}, [missing], [det], ["a"], 1, 0.3)
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
-    assert [p.name for p in out.iterdir()] == ["old.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "old.csv"]
 
 
 def test_a_model_of_another_precision_is_refused():

@@ -17,10 +17,6 @@ from stages.tools.imports import closure, module_file
 from tests.stages.tools.test_imports import MODULES, write_package
 
 PIPELINES = [deps.ROOT / p for p in deps.PIPELINES]
-# Stage-to-stage imports that the `trust` branch removes (issue 11 §8: the `data` params model
-# and the targets move out of download.py and compare.py). Listed so this test is strict today:
-# it fails if any other pair appears, and also once a listed pair is gone (delete it here then).
-PENDING_ELSEWHERE = {("stages.unpack", "stages.download"), ("stages.gate", "stages.compare")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +37,7 @@ def test_no_stage_module_imports_another():
     files = {module_file(m): m for m in modules}
     pairs = {(m, files[f]) for m in modules for f in closure(m) & set(files)
              if files[f] != m}
-    assert pairs - PENDING_ELSEWHERE == set(), "stage modules importing stage modules"
-    assert PENDING_ELSEWHERE - pairs == set(), "fixed: remove these from PENDING_ELSEWHERE"
+    assert pairs == set(), "stage modules importing stage modules"
 
 
 def test_the_cli_checks_the_project():
