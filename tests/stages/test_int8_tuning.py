@@ -11,8 +11,9 @@ import pytest
 
 from stages.common import StageError
 
-from stages import int8_tuning, quantize
+from stages import int8_tuning, quantization
 from stages.inference import load_symbol_block
+from stages.quantize import QuantizeParams
 from tests.stages.tiny_models import tiny_model
 
 PATTERNS = ("flatten", "concat")
@@ -30,7 +31,7 @@ def exported(net, prefix: Path, x) -> tuple[str, str, str]:
 
 
 def quantized_convs(symbol: str) -> list[str]:
-    return [name for q in quantize.quantized_layers(symbol) for name in q.get("layers", [])]
+    return [name for q in quantization.quantized_layers(symbol) for name in q.get("layers", [])]
 
 
 @pytest.mark.parametrize("mode", ["naive", "entropy", "none"])
@@ -43,9 +44,9 @@ def test_candidates_equal_plain_quantization_byte_for_byte(tmp_path, tmp_path_fa
     cache = int8_tuning.Thresholds(fp32, recipe, None if mode == "none" else calib, 4)
     # entropy: one case, its KL threshold search costs ~1 s per layer output on 2 cores
     for keep in ([[LAYER]] if mode == "entropy" else [[], [LAYER]]):
-        params = quantize.QuantizeParams(calib_mode=mode, calib_images=8, batch_size=4,
+        params = QuantizeParams(calib_mode=mode, calib_images=8, batch_size=4,
                                          exclude_layers=list(PATTERNS) + keep)
-        plain = quantize.quantize(load_symbol_block(tiny.fp32), None if mode == "none" else calib,
+        plain = quantization.quantize(load_symbol_block(tiny.fp32), None if mode == "none" else calib,
                                   128, params, None)
         candidate = int8_tuning.quantize_candidate(fp32, recipe, cache, keep, tiny.data)
         want = exported(plain, tmp_path / f"plain{len(keep)}", x)
@@ -75,7 +76,7 @@ def test_measure_is_100_with_everything_in_fp32_and_less_with_a_bad_calibration(
     # calibrated on one image with entropy: thresholds from a single histogram
     recipe = int8_tuning.Recipe("entropy", "auto", PATTERNS, 128)
     cache = int8_tuning.Thresholds(fp32, recipe, tiny.data[:1], batch_size=1)
-    measure = int8_tuning.agreement_measure(fp32, recipe, cache, tiny.data, 8,
+    measure = int8_tuning.AgreementProbe(fp32, recipe, cache, tiny.data, 8,
                                             num_classes=4, min_score=0.5)
     convs = [n["name"] for n in json.loads(Path(f"{tiny.fp32}-symbol.json").read_text())["nodes"]
              if n["op"] == "Convolution"]
@@ -93,7 +94,7 @@ def test_a_model_that_detects_nothing_cannot_be_tuned(tmp_path, tmp_path_factory
     recipe = int8_tuning.Recipe("none", "auto", PATTERNS, 128)
     cache = int8_tuning.Thresholds(silent, recipe, None, 2)
     with pytest.raises(StageError, match="detects nothing on the 4 tuning images"):
-        int8_tuning.agreement_measure(silent, recipe, cache, tiny.data[:4], 2, 4, 0.5)
+        int8_tuning.AgreementProbe(silent, recipe, cache, tiny.data[:4], 2, 4, 0.5)
 
 
 def test_missing_statistics_fail_instead_of_running_uncalibrated(tmp_path_factory):

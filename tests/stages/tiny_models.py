@@ -26,17 +26,16 @@ _CACHE: dict[str, TinyModel] = {}
 
 def export_tiny_fp32(folder: Path, seed: int = 0, background: float = 6.0) -> Path:
     """The demo SSD with trained-looking random weights as an FP32 symbolic model + meta."""
-    from stages import convert
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD, HeadSpec
     from stages.demo_net import demo_ssd
-    from stages.models import init_like_trained
+    from stages.export import check_input, export_block
+    from stages.heads import HeadSpec, make_detector
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, init_like_trained
 
     ssd = demo_ssd(CLASSES)
     init_like_trained(ssd, seed=seed, spread=2.0, background=background, data_shape=SIZE)
     prefix = folder / "fp32"
     folder.mkdir(parents=True, exist_ok=True)
-    convert.export_block(convert.make_detector(ssd, HeadSpec("seed"), SIZE), prefix,
-                         convert.check_input(SIZE))
+    export_block(make_detector(ssd, HeadSpec("seed"), SIZE), prefix, check_input(SIZE))
     meta = {"network": "demo_ssd", "classes": CLASSES, "data_shape": SIZE, "head": "seed",
             "precision": "fp32", "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
     Path(f"{prefix}-meta.json").write_text(json.dumps(meta))
@@ -45,7 +44,7 @@ def export_tiny_fp32(folder: Path, seed: int = 0, background: float = 6.0) -> Pa
 
 def write_images(folder: Path, n: int, seed: int = 5) -> list[Path]:
     """``n`` generated 128 px scenes as JPEG files."""
-    from stages.generate import encode_jpeg, make_samples
+    from stages.synthetic import encode_jpeg, make_samples
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -59,8 +58,8 @@ def write_images(folder: Path, n: int, seed: int = 5) -> list[Path]:
 def tiny_model(tmp_path_factory) -> TinyModel:
     """The shared tiny detector and 16 images (made once per session)."""
     if "tiny" not in _CACHE:
-        from stages.convert import GLUONCV_MEAN, GLUONCV_STD
         from stages.inference import ImageItem, load_batch
+        from stages.models import GLUONCV_MEAN, GLUONCV_STD
 
         root = tmp_path_factory.mktemp("tiny_model")
         fp32 = export_tiny_fp32(root / "model")
