@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from stages.common import StageError, atomic_path, main_guard
+from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +125,13 @@ def csv_rows(points: Sequence[Point], best: Sequence[bool]) -> list[tuple]:
 FILES = tuple(f"{name}.csv" for name in (*PRECISIONS, "pareto"))
 
 
-def check_out(out: Path) -> None:
-    """``out`` must be this tool's folder: absent, or holding only its CSVs (it is replaced
-    as a whole, so a folder with anything else in it is refused, never emptied)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise StageError(f"--out {out} exists and is not a folder of frontier CSVs")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in FILES) if out.is_dir() else []
-    if foreign:
-        raise StageError(f"--out {out} holds files this tool did not write ({', '.join(foreign[:5])}"
-                         f"): give an absent folder or one holding only {', '.join(FILES)}")
-
-
 def write_csvs(out: Path, points: Sequence[Point], best: Sequence[bool]) -> None:
-    """<out>/<precision>.csv for each precision and <out>/pareto.csv, all replaced at once."""
-    check_out(out)
+    """<out>/<precision>.csv for each precision and <out>/pareto.csv, all replaced at once
+    (only a folder this tool or a stage wrote, or an empty one: stages/outputs.py)."""
     rows = csv_rows(points, best)
     files = {p: [r for r in rows if r[2] == p] for p in PRECISIONS}
     files["pareto"] = [r for r in rows if r[5]]
-    with atomic_path(out) as tmp:
+    with atomic_path(out, kind="dir") as tmp:
         tmp.mkdir()
         for name, selected in files.items():
             lines = [",".join(HEADER)] + [",".join(map(str, r)) for r in selected]
@@ -191,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=0.0,
                         help="seconds to wait for the experiment queue to finish (0: no wait)")
     args = parser.parse_args(argv)
-    check_out(args.out)  # before waiting an hour
+    check_outputs(dirs={"--out": args.out})  # before waiting an hour
     if args.wait > 0:
         wait_for_queue(args.wait)
     points = points_of(experiment_records(json.loads(dvc("exp", "show", "--json"))),

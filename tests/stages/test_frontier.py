@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from stages import frontier
-from stages.common import StageError
+from stages.outputs import MARKER, OutputError
 
 
 def rev(name, mode, images, tuned, maps, speeds, error=None):
@@ -67,7 +67,7 @@ def test_csvs_per_precision_and_pareto(tmp_path):
     points = frontier.points_of(frontier.experiment_records(exp_show()), "coco")
     out = tmp_path / "frontier"
     frontier.write_csvs(out, points, frontier.pareto(points))
-    assert sorted(p.name for p in out.iterdir()) == sorted(frontier.FILES)
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(frontier.FILES)
     with open(out / "int8.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["label"] for r in rows] == ["naive/64", "entropy/1", "entropy/1/tuned"]
@@ -88,7 +88,7 @@ def test_an_out_that_is_not_the_tools_folder_is_refused_untouched(tmp_path, setu
     else:
         (tmp_path / "real").mkdir()
         out.symlink_to(tmp_path / "real")
-    with pytest.raises(StageError, match="--out"):
+    with pytest.raises(OutputError, match="refusing to replace"):
         frontier.write_csvs(out, [], [])
     if setup == "foreign file":
         assert (out / "notes.txt").read_text() == "mine"
@@ -102,3 +102,4 @@ def test_no_points_is_an_error(tmp_path, monkeypatch):
     from stages.common import run_stage
     assert run_stage(frontier.main, ["coco", "--out", "f"]) == 1
     assert not (tmp_path / "f").exists()
+    assert run_stage(frontier.main, ["coco", "--out", "."]) == 2  # the folder it runs in
