@@ -21,8 +21,8 @@ import numpy as np
 from stages.bf16 import export_bf16, lowered_layers, read_cpuinfo, require_bf16, to_bf16
 from stages.common import StageError, file_digest, library_versions, main_guard
 from stages.config import ParamsError, Section, load_branch
-from stages.export import StagingDir, check_input, model_files, publish, verify_roundtrip
-from stages.inference import load_symbol_block, read_meta
+from stages.export import StagingDir, check_input, publish, verify_roundtrip
+from stages.inference import load_symbol_block, model_files, model_outputs, read_meta
 from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", required=True, type=Path, help="FP32 model prefix")
     parser.add_argument("--out", required=True, type=Path, help="BF16 model prefix")
     args = parser.parse_args(argv)
-    check_outputs(files={f"--out ({path.name})": path for path in model_files(args.out)},
-                  inputs={"--fp32": model_files(args.fp32)})
+    check_outputs(files=model_outputs(args.out), inputs={"--fp32": model_files(args.fp32)})
     p = load_branch("bf16", args.branch, Bf16Params)
     run(p, args.branch, args.fp32, args.out, read_cpuinfo())
     return 0

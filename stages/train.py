@@ -29,19 +29,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from stages.checkpoints import fingerprint
+from stages.checkpoints import fingerprint, is_checkpoint_entry
 from stages.common import (StageError, atomic_path, library_versions, main_guard, round_floats,
                            seed_everything, write_json)
 from stages.config import Section, load_branch
 from stages.inference import configure_threads
-from stages.live import live_logger, open_live
+from stages.live import is_live_entry, live_logger, open_live, remove_live
 from stages.models import build_detector, check_input_size
+from stages.outputs import check_outputs, claim_dir
 from stages.training import contexts, fit, summarize
 from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", required=True, type=Path, help="training speed json")
     args = parser.parse_args(argv)
     p = load_branch("train", args.branch, TrainParams)
+    check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
+                  dirs={"--out": args.out},
+                  own_dirs={"--checkpoints": args.checkpoints, "--live": args.live},
+                  inputs={"--data": args.data})
+    claim_dir(args.checkpoints, "--checkpoints", is_checkpoint_entry)
+    claim_dir(args.live, "--live", is_live_entry)
     configure_threads(p.threads)  # before MXNet is imported: OpenMP reads it once
     seed_everything(p.seed)
     classes = tuple(p.classes or VOC_CLASSES)
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                       digest, live_logger(live))
         live.end()
     except BaseException:
-        shutil.rmtree(args.live, ignore_errors=True)  # nothing partial is left behind
+        remove_live(args.live)  # nothing partial is left behind (only dvclive's own files)
         raise
 
     metrics = summarize(history)
