@@ -313,23 +313,27 @@ def main() -> None:
               f"(of {8732 * 80} anchor-class pairs)", flush=True)
         prefixes = prepare_models(tmp / "models", args.heads, paths[:8], precisions)
         rows = []
-        for (head, precision), prefix in prefixes.items():
+        images = str(tmp / "images")
+
+        def measure(head: str, precision: str, mode: str, batch: int, iters: int) -> None:
+            job = {"prefix": str(prefixes[(head, precision)]), "images": images, "head": head,
+                   "precision": precision, "batch": batch, "mode": mode, "iters": iters,
+                   "repeats": args.repeats}
+            rows.append({**run_worker(job, args.threads), "cpu": cpu})
+            print(json.dumps(rows[-1]), flush=True)
+
+        # Precisions interleaved (fp32, int8, bf16 of one configuration back to back): on a
+        # shared machine the load drifts over the run; their ratios then share its moment.
+        for head in args.heads:
             for mode in ("model", "e2e"):
                 for b in args.batches:
-                    job = {"prefix": str(prefix), "images": str(tmp / "images"), "head": head,
-                           "precision": precision, "batch": b, "mode": mode,
-                           "iters": args.iters if b > 1 else 4 * args.iters,
-                           "repeats": args.repeats}
-                    rows.append({**run_worker(job, args.threads), "cpu": cpu})
-                    print(json.dumps(rows[-1]), flush=True)
-            for mode in ("e2e-serial", "parts"):  # prefetch off; body vs head
-                rows.append(run_worker({"prefix": str(prefix), "images": str(tmp / "images"),
-                                        "head": head, "precision": precision, "mode": mode,
-                                        "batch": args.parts_batch, "iters": args.iters,
-                                        "repeats": args.repeats},
-                                       args.threads))
-                rows[-1]["cpu"] = cpu
-                print(json.dumps(rows[-1]), flush=True)
+                    for precision in precisions:
+                        measure(head, precision, mode, b, args.iters if b > 1 else 4 * args.iters)
+            for precision in precisions:  # prefetch off
+                measure(head, precision, "e2e-serial", args.parts_batch, args.iters)
+            # body vs head: the graph cut loses a BF16 graph's casts, so FP32 and INT8 only
+            for precision in [p for p in precisions if p != "bf16"]:
+                measure(head, precision, "parts", args.parts_batch, args.iters)
     print(f"\n{args.threads} threads; load average at the end {os.getloadavg()[0]:.2f} "
           f"(other processes skew absolute numbers); total {time.time() - started:.0f} s\n")
     print(f"CPU: {cpu}")
