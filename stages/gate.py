@@ -3,11 +3,11 @@
     python -m stages.gate [--against REV] [--report FILE]
 
 Run from the directory of a pipeline (its dvc.yaml and params.yaml), after ``dvc repro``. The
-metrics files are the ones that dvc.yaml declares (DVC's index is asked, so no path is repeated
-here), read as the compare stage reads them; targets and knobs are params.yaml ``compare`` (see
-stages/compare.py). With ``--against REV`` it also runs ``dvc metrics diff --json REV`` and
-fails when a target's metric got worse than its regression tolerance (direction as in the
-target: higher is better for mAP and accuracy).
+metrics files are the ones that dvc.yaml declares (``dvc metrics show --json`` is asked, so no
+path is repeated here), read as the compare stage reads them; targets and knobs are params.yaml
+``compare`` (see stages/compare.py). With ``--against REV`` it also runs ``dvc metrics diff
+--json REV`` and fails when a target's metric got worse than its regression tolerance
+(direction as in the target: higher is better for mAP and accuracy).
 
 Exit codes: 0 every check passes; 1 a target, floor or regression check fails; 2 the gate cannot
 judge (a metrics file or key missing, NaN/inf, unreadable JSON, DVC failing, bad params, no
@@ -62,35 +62,32 @@ def parse_dvc_json(text: str, what: str) -> Any:
         raise CannotJudge(f"{what} printed no valid JSON ({exc})") from exc
 
 
-def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
-    """Metrics files declared in ``directory``'s dvc.yaml, by name (file stem) -> path from there.
+def declared_metrics() -> dict[str, str | None]:
+    """Metrics files declared in the DVC project here, by name (file stem) -> path from here.
 
-    Asks DVC's own index, so templated paths (``${vars}``) resolve exactly as ``dvc repro`` does
-    and metrics of other pipelines in the repo (e.g. demo/) are not mixed in. Only stage outputs
-    count (a top-level ``metrics:`` list is not read: the gate then fails closed, exit 2). A name
-    declared twice maps to None (ambiguous).
+    Asks DVC's public interface, ``dvc metrics show --json``: it lists every declared metrics
+    file of the project (stage outputs and top-level ``metrics:``, ``${vars}`` resolved as
+    ``dvc repro`` resolves them) by path, readable or not. The values are re-read by the gate
+    the way the compare stage reads them. (``dvc.api.metrics_show()`` cannot serve: it merges
+    all files into one dict, so a key found in one file only loses its file's name, and it
+    raises at the first unreadable file instead of letting each check name the missing one.)
+    Run the gate from the root of a DVC project; the demo is a project of its own (demo/.dvc),
+    so the real pipeline's metrics never mix in. A name declared twice maps to None (ambiguous:
+    the gate cannot judge, exit 2).
     """
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    directory = Path(directory).resolve()
-    dvcfile = directory / "dvc.yaml"  # DVC's fixed file name, not a project path
-    if not dvcfile.is_file():
-        raise CannotJudge(f"no dvc.yaml in {directory}: run the gate from a pipeline's directory")
-    files: list[str] = []
-    try:
-        with Repo(os.fspath(directory)) as repo:
-            index = repo.index
-            for stage in index.stages:
-                if Path(stage.dvcfile.path).resolve() == dvcfile:
-                    files += [out.fs_path for out in stage.outs if out.metric]
-    except DvcException as exc:
-        raise CannotJudge(f"DVC cannot load the pipeline in {directory}: {exc}") from exc
-    by_name: dict[str, Any] = {}
-    for path in files:
-        rel = os.path.relpath(path, directory)
-        name = Path(rel).stem
-        by_name[name] = None if name in by_name and by_name[name] != rel else rel
+    if not Path("dvc.yaml").is_file():  # DVC's fixed file name, not a project path
+        raise CannotJudge(f"no dvc.yaml in {Path.cwd()}: run the gate from a pipeline's "
+                          "directory")
+    shown = parse_dvc_json(run_dvc("metrics", "show", "--json"), "dvc metrics show")
+    if not isinstance(shown, dict):
+        raise CannotJudge(f"dvc metrics show printed {type(shown).__name__}, not an object")
+    # {"<rev>": {"data": {"<path>": {"data": {...}} or {"error": {...}}}}}: the workspace only
+    files = [path for rev in shown.values() if isinstance(rev, dict)
+             for path in (rev.get("data") or {})]
+    by_name: dict[str, str | None] = {}
+    for path in sorted(set(map(os.path.normpath, files))):
+        name = Path(path).stem
+        by_name[name] = None if name in by_name else path
     return by_name
 
 
@@ -103,7 +100,9 @@ def resolve_paths(names: Iterable[str], declared: Mapping[str, str | None]) -> d
             raise CannotJudge(f"no metrics file named {name!r} is declared in dvc.yaml "
                               f"(declared: {known})")
         if declared[name] is None:
-            raise CannotJudge(f"more than one metrics file in dvc.yaml is named {name!r}")
+            raise CannotJudge(f"more than one metrics file of this DVC project is named {name!r} "
+                              "(a nested pipeline needs a DVC project of its own: "
+                              "`dvc init --subdir` there)")
         paths[name] = declared[name]
     return paths
 
