@@ -26,6 +26,7 @@ from pydantic import Field
 
 from stages.common import StageError, main_guard, round_floats, write_json
 from stages.config import PARAMS_FILE, ParamsError, Section, parse_section, read_params_file
+from stages.report_data import write_verdict_rows
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", required=True,
                         help="metrics JSON files; each is named by its file name without .json")
     parser.add_argument("--out", required=True, help="where to write the comparison JSON")
+    parser.add_argument("--rows", required=True, help="the checks as records (verdict chart)")
     return parser.parse_args(argv)
 
 
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.name, fmt(row.value), fmt(row.target), fmt(row.delta, signed=True),
                 fmt(row.tolerance), f" ({row.note})" if row.note else "")
     write_json(args.out, rows_to_metrics(rows))
+    write_verdict_rows(args.rows, rows, targets)
     failed = sum(row.status != PASS for row in rows)
     log.info("%d of %d checks pass; wrote %s (a miss is reported, not fatal: "
              "`python -m stages.gate` decides)", len(rows) - failed, len(rows), args.out)
