@@ -17,12 +17,18 @@ Typical use::
         result.seconds                     # forward + copy-out time of this batch
         for det in result.detections:      # one per image, in input order
             det.key, det.ids, det.scores, det.boxes   # valid rows only, boxes in original pixels
+            det.network_boxes, det.image_size         # the same boxes in network-input pixels
 
 Preprocessing is GluonCV's SSD validation transform (``SSDDefaultValTransform``): RGB image
 resized to data_shape x data_shape (OpenCV, interpolation picked like ``imresize(interp=9)``:
 area when shrinking both sides, cubic when enlarging both, else bilinear), scaled to 0..1,
 normalised with the model's mean/std, CHW. Batches are loaded by a background thread while the
 network computes the previous batch.
+
+Boxes are clipped to the network input, [0, data_shape], before they are rescaled to the image,
+as GluonCV's ``eval_ssd.py`` and ``train_ssd.py`` (and the seed's fork) clip them
+(``bboxes.clip(0, data_shape)``): GluonCV's stock head decodes without clipping, so a box
+reaching past the image border would otherwise be scored with a lower IoU.
 """
 from __future__ import annotations
 
@@ -239,12 +245,19 @@ def iter_batches(items: Sequence[ImageItem], data_shape: int, mean, std, batch_s
 
 @dataclass
 class Detections:
-    """Valid detections of one image: class indices, scores, xyxy boxes in original pixels."""
+    """Valid detections of one image: class indices, scores, xyxy boxes in original pixels.
+
+    ``network_boxes`` are the same boxes in the (data_shape x data_shape) network-input frame
+    (clipped to it; ``boxes`` is them rescaled), ``image_size`` the image's (height, width) as
+    decoded: the frame GluonCV's VOC evaluation scores in (``stages.voc``).
+    """
 
     key: object
     ids: np.ndarray  # (k,) int64
     scores: np.ndarray  # (k,) float32
     boxes: np.ndarray  # (k, 4) float32
+    network_boxes: np.ndarray | None = None  # (k, 4) float32, in [0, data_shape]
+    image_size: tuple[int, int] | None = None  # (height, width)
 
 
 @dataclass
@@ -265,13 +278,15 @@ def run_network(net, data: np.ndarray):
 
 def to_detections(key, ids: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
                   size: tuple[int, int], data_shape: int) -> Detections:
-    """One image's raw rows → valid rows with boxes rescaled to the original (height, width)."""
+    """One image's raw rows → valid rows, boxes clipped to the network input [0, data_shape]
+    (as GluonCV's evaluation clips them) and rescaled to the original (height, width)."""
     keep = ids.reshape(-1) >= 0
     h, w = size
     scale = np.array([w, h, w, h], np.float32) / np.float32(data_shape)
+    clipped = np.clip(boxes.reshape(-1, 4)[keep].astype(np.float32), 0, np.float32(data_shape))
     return Detections(key, ids.reshape(-1)[keep].astype(np.int64),
-                      scores.reshape(-1)[keep].astype(np.float32),
-                      boxes.reshape(-1, 4)[keep].astype(np.float32) * scale)
+                      scores.reshape(-1)[keep].astype(np.float32), clipped * scale, clipped,
+                      (int(h), int(w)))
 
 
 def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
