@@ -66,14 +66,15 @@ COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 2
 
 def make_int8(fp32_prefix: Path, out: Path, calib: np.ndarray) -> None:
     """INT8 model from the FP32 one: naive calibration on ``calib``, as the quantize stage."""
-    from stages import convert, quantize
+    from stages.export import check_input, export_block
     from stages.inference import load_symbol_block
+    from stages.quantization import quantize
+    from stages.quantize import QuantizeParams
 
-    qp = quantize.QuantizeParams(calib_mode="naive", calib_images=len(calib),
-                                 batch_size=len(calib))
+    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib), batch_size=len(calib))
     # no logger: MXNet's per-layer calibration log is only switched on when one is given
-    net = quantize.quantize(load_symbol_block(fp32_prefix), calib, SIZE, qp, None)
-    convert.export_block(net, out, convert.check_input(SIZE))
+    net = quantize(load_symbol_block(fp32_prefix), calib, SIZE, qp, None)
+    export_block(net, out, check_input(SIZE))
 
 
 # precision -> how to make its model from the FP32 export (None: the FP32 export itself)
@@ -86,7 +87,7 @@ PRECISIONS = {"fp32": None, "int8": make_int8}
 def make_dataset(root: Path, n: int) -> tuple[Path, list[Path]]:
     """``n`` 640x480 JPEGs of generated scenes, ~150 kB each like val2017's (so decoding costs
     what it does there), in the COCO layout GluonCV's COCODetection reads (coco_url)."""
-    from stages.generate import encode_jpeg, make_samples
+    from stages.synthetic import encode_jpeg, make_samples
 
     images = root / "val2017"
     images.mkdir(parents=True, exist_ok=True)
@@ -137,10 +138,10 @@ def prepare_models(folder: Path, heads: list[str], precisions: list[str],
                    calib_paths: list[Path]) -> dict:
     """Export FP32 models with each head and derive the other precisions;
     return {(head, precision): prefix}."""
-    from stages import convert
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD, HeadSpec
+    from stages.export import check_input, export_block
+    from stages.heads import HeadSpec, make_detector
     from stages.inference import ImageItem, load_batch
-    from stages.models import build_network, init_like_trained
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
 
     folder.mkdir(parents=True, exist_ok=True)
     calib = load_batch([ImageItem(p.name, p) for p in calib_paths], SIZE, GLUONCV_MEAN,
@@ -152,8 +153,7 @@ def prepare_models(folder: Path, heads: list[str], precisions: list[str],
         spec = HeadSpec("gluoncv", prefilter_topk=False) if head == "gluoncv-stock" else \
             HeadSpec(head)
         fp32 = folder / f"{head}-fp32"
-        convert.export_block(convert.make_detector(ssd, spec, SIZE), fp32,
-                             convert.check_input(SIZE))
+        export_block(make_detector(ssd, spec, SIZE), fp32, check_input(SIZE))
         meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
                 "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
         for precision in precisions:
@@ -169,9 +169,8 @@ def candidate_counts(paths: list[Path]) -> tuple[float, float]:
     """Mean (anchor, class) pairs per image with probability > 0.01 and > 0.05."""
     import mxnet as mx
 
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD
     from stages.inference import ImageItem, load_batch
-    from stages.models import build_network, init_like_trained
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
 
     ssd = build_network(NETWORK)
     init_like_trained(ssd)

@@ -103,7 +103,7 @@ def mode_stage(job: dict) -> dict:
         os.chdir(old)
     metrics = json.loads((out / "metrics.json").read_text())
     speed = json.loads((out / "speed.json").read_text())
-    keys = evaluate_coco.STAT_KEYS
+    from stages.coco_eval import STAT_KEYS as keys
     result = {"images_per_s": metrics["images"] / seconds, "images": metrics["images"],
               "seconds": seconds, "stats": [metrics[k] for k in keys],
               "loop_images_per_s": speed["images_per_s"]}
@@ -119,7 +119,7 @@ def mode_e2e(job: dict) -> dict:
     """The stage's detection loop alone: decode, preprocess, forward, COCO results."""
     import mxnet as mx
 
-    from stages.evaluate_coco import to_coco_results
+    from stages.coco_eval import to_coco_results
     from stages.inference import ImageItem, detect_batches, load_detector
 
     net, meta = load_detector(job["prefix"])

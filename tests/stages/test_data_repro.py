@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.generate import make_samples, write_coco, write_voc
+from stages.dataset_files import write_coco, write_voc
+from stages.synthetic import make_samples
 
 DVC = Path(sys.executable).with_name("dvc")
 CLASSES = ["rectangle", "ellipse"]
