@@ -54,6 +54,27 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_scorers_agree(demo: Path) -> None:
+    """The demo scores COCO with faster-coco-eval (params evaluate.coco.scorer); pycocotools,
+    the reference, must give the same summary stats on the demo's own detections, to the last
+    bit, and so byte-identical metrics."""
+    from stages.coco_eval import load_coco, metrics_from
+    from stages.coco_scoring import score_bbox
+
+    assert yaml.safe_load((demo / "params.yaml").read_text())["evaluate"]["coco"]["scorer"] == \
+        "faster-coco-eval"
+    coco = load_coco(demo / "data" / "coco" / "annotations" / "instances_val2017.json")
+    for p in ("fp32", "int8"):
+        eval_dir = demo / "eval" / f"coco_{p}"
+        assert load(eval_dir / "provenance.json")["scorer"]["name"] == "faster-coco-eval"
+        results = json.loads((eval_dir / "detections.json").read_text())
+        ids = sorted(coco.getImgIds())
+        ref = score_bbox(coco, results, ids, "pycocotools")
+        fast = score_bbox(coco, results, ids, "faster-coco-eval")
+        assert ref.stats.tolist() == fast.stats.tolist()
+        assert metrics_from(ref, len(ids)) == load(demo / "metrics" / f"coco_{p}.json")
+
+
 def test_demo_end_to_end_gate_and_metrics_diff(tmp_path, repo_root):
     copy_checkout(repo_root, tmp_path)
     demo = tmp_path / "demo"
@@ -78,6 +99,8 @@ def test_demo_end_to_end_gate_and_metrics_diff(tmp_path, repo_root):
     assert (demo / "dvclive" / "train_voc" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     heads = {b: load(demo / "model" / b / "fp32-meta.json")["head"] for b in ("coco", "voc")}
     assert heads == {"coco": "seed", "voc": "gluoncv"}
+
+    check_scorers_agree(demo)
 
     gate = run([sys.executable, "-m", "stages.gate"], demo)
     assert gate.returncode == 0 and "PASS" in gate.stdout

@@ -7,7 +7,7 @@ import pytest
 
 from stages import images
 from stages.common import StageError
-from stages.generate import encode_jpeg
+from stages.synthetic import encode_jpeg
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
