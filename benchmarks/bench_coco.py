@@ -187,13 +187,26 @@ def candidate_counts(paths: list[Path]) -> tuple[float, float]:
 
 
 def run_worker(job: dict, threads: int) -> dict:
-    """Run one measurement in a fresh process with ``threads`` OpenMP threads."""
+    """Run one measurement in a fresh process with ``threads`` OpenMP threads (and the
+    ``stages`` package of ``job['src']`` instead of this checkout's, if given)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MXNET_CPU_WORKER_NTHREADS="1")
+    if job.get("src"):
+        env["PYTHONPATH"] = job["src"]
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"worker {job} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def export_source(rev: str, dest: Path) -> Path:
+    """The ``stages`` package as of git revision ``rev``, extracted under ``dest``."""
+    dest.mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", rev, "stages"], cwd=repo, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def machine() -> str:
@@ -239,16 +252,18 @@ def report(rows: list[dict], heads: list[str], precisions: list[str],
              "whole / without setup (goal <= 1.05) | stage setup s | GluonCV loop img/s "
              "(workers 0 / 4) | stage speed-up vs GluonCV's best (goal >= 1.2 INT8 b8, >= 1 "
              "else) | summary stats equal to GluonCV's | stage INT8/FP32, whole / without "
-             "setup (goal >= 3.5) | peak MB at batch 64: model / stage / GluonCV (w0, w4) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "setup (goal >= 3.5) | stage speed-up vs before (--before) | peak MB at batch 64: "
+             "model / stage / before / GluonCV (w0, w4) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in heads:
         for p in precisions:
             mem = [get(h, p, 64, m, w) for m, w in (("model", None), ("stage", None),
+                                                    ("stage-before", None),
                                                     ("gluoncv", GLUONCV_WORKERS[0]),
                                                     ("gluoncv", GLUONCV_WORKERS[1]))]
-            mem_text = " / ".join(f"{r['peak_rss_mb']:.0f}" if r else "-" for r in mem[:2])
+            mem_text = " / ".join(f"{r['peak_rss_mb']:.0f}" if r else "-" for r in mem[:3])
             mem_text += " / " + ", ".join(f"{r['peak_rss_mb']:.0f}" if r else "-"
-                                          for r in mem[2:])
+                                          for r in mem[3:])
             for b in batches:
                 model, stage = get(h, p, b, "model"), get(h, p, b, "stage")
                 if not (model and stage):
@@ -258,7 +273,11 @@ def report(rows: list[dict], heads: list[str], precisions: list[str],
                 gl_text = " / ".join(f"{g['images_per_s']:.2f}" if g else "-" for g in gl)
                 best = max((g for g in gl if g), key=lambda g: g["images_per_s"], default=None)
                 equal = "-" if not best else "yes" if best["stats"] == stage["stats"] else (
-                    f"no: AP {stage['stats'][0]:.6f} vs {best['stats'][0]:.6f}")
+                    f"AP {stage['stats'][0]:.6f} vs {best['stats'][0]:.6f}; rounded as the "
+                    f"stage writes: "
+                    f"{'yes' if best.get('stats_rounded_like_stage') == stage['stats'] else 'no'}")
+                before = get(h, p, b, "stage-before")
+                vs_before = ratio(before["seconds"], stage["seconds"]) if before else "-"
                 fp32 = get(h, "fp32", b, "stage")
                 q = (f"{ratio(fp32['seconds'], stage['seconds'])} / "
                      f"{ratio(running(fp32), running(stage))}") if fp32 and p != "fp32" else "-"
@@ -268,7 +287,7 @@ def report(rows: list[dict], heads: list[str], precisions: list[str],
                     f"{ratio(running(stage), forward)} | "
                     f"{stage.get('phases', {}).get('setup', 0):.1f} | {gl_text} | "
                     f"{ratio(best['seconds'], stage['seconds']) if best else '-'} | "
-                    f"{equal} | {q} | {mem_text} |")
+                    f"{equal} | {q} | {vs_before} | {mem_text} |")
     lines.append("")
     for r in rows:
         model = get(r["head"], r["precision"], r["batch"], "model")
@@ -306,6 +325,8 @@ def main() -> None:
                         help="also time the detection loop alone (detect_batches + results)")
     parser.add_argument("--gluoncv", action=argparse.BooleanOptionalAction, default=True,
                         help="also run GluonCV's own loop")
+    parser.add_argument("--before", metavar="REV",
+                        help="also run the stage as of git revision REV (mode stage-before)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -333,20 +354,24 @@ def main() -> None:
               f"{len(json.loads(annotations.read_text())['annotations'])} pseudo ground-truth "
               f"objects; prepared in {time.time() - started:.0f} s", flush=True)
         rows = []
+        before = str(export_source(args.before, root / "before")) if args.before else None
         common = {"images_dir": str(images), "annotations": str(annotations),
                   "repeats": args.repeats, "threads": args.threads, "scorer": args.scorer, "work": str(root / "work")}
         for (head, precision), prefix in prefixes.items():
             for b in args.batches:
                 modes = [("model", None), ("stage", None)] + [("e2e", None)] * args.e2e
+                if args.before:
+                    modes.append(("stage-before", None))
                 if args.gluoncv:
                     modes += [("gluoncv", w) for w in GLUONCV_WORKERS]
                 for mode, workers in modes:
                     job = {**common, "prefix": str(prefix), "head": head,
                            "precision": precision, "batch": b, "mode": mode,
-                           "loader_workers": workers}
+                           "loader_workers": workers,
+                           "src": before if mode == "stage-before" else None}
                     rows.append(run_worker(job, args.threads))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "stats"}),
-                          flush=True)
+                    print(json.dumps({k: v for k, v in rows[-1].items()
+                                      if not k.startswith("stats")}), flush=True)
             job = {**common, "prefix": str(prefix), "head": head, "precision": precision,
                    "batch": args.parts_batch, "mode": "parts"}
             rows.append(run_worker(job, args.threads))

@@ -8,9 +8,13 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 SIZE = 300
+# the metrics file's keys of COCOeval's 12 stats (a stable contract; also read from old code)
+STAT_KEYS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
+             "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
 
 
 def peak_rss_mb() -> float:
@@ -80,10 +84,9 @@ def mode_stage(job: dict) -> dict:
     import os
 
     from stages import evaluate_coco
-    from stages.coco_eval import STAT_KEYS
     from stages.common import run_stage
 
-    work = Path(job["work"]) / f"stage-{job['head']}-{job['precision']}-{job['batch']}"
+    work = Path(job["work"]) / f"{job['mode']}-{job['head']}-{job['precision']}-{job['batch']}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(stage_params(job)))
     out = work / "out"
@@ -116,6 +119,7 @@ def mode_stage(job: dict) -> dict:
         result["phases"] = phases
     provenance = json.loads((out / "eval" / "provenance.json").read_text())
     result["scorer"] = provenance.get("params", {}).get("scorer", "pycocotools")
+    result["stages_from"] = str(Path(evaluate_coco.__file__).parent)
     return result
 
 
@@ -192,8 +196,19 @@ def mode_gluoncv(job: dict) -> dict:
         metric.get()
         result["stats"] = percent_stats(metric._coco_eval.stats)  # pylint: disable=protected-access
         result["images"] = len(dataset)
+        result["results"] = metric._results  # pylint: disable=protected-access
+        result["coco"] = dataset.coco
 
     seconds = best_of(job["repeats"], run)
+    # Diagnosis of any difference with the stage: GluonCV's results rounded as the stage writes
+    # them (bbox 3 decimals with numpy, score 6 with Python) and scored again with pycocotools.
+    from stages.coco_scoring import score_bbox
+
+    rounded = [dict(r, bbox=np.round(np.asarray(r["bbox"], np.float64), 3).tolist(),
+                    score=round(float(r["score"]), 6)) for r in result.pop("results")]
+    coco = result.pop("coco")
+    result["stats_rounded_like_stage"] = percent_stats(
+        score_bbox(coco, rounded, sorted(coco.getImgIds())).stats)
     return {**result, "images_per_s": result["images"] / seconds, "seconds": seconds,
             "loader_workers": job["loader_workers"]}
 
@@ -236,8 +251,8 @@ def mode_parts(job: dict) -> dict:
             "load_cpu_ms_per_image": 1000 * load_cpu / len(some)}
 
 
-MODES = {"model": mode_model, "stage": mode_stage, "e2e": mode_e2e, "gluoncv": mode_gluoncv,
-         "parts": mode_parts}
+MODES = {"model": mode_model, "stage": mode_stage, "stage-before": mode_stage, "e2e": mode_e2e,
+         "gluoncv": mode_gluoncv, "parts": mode_parts}
 
 
 def run_mode(job: dict) -> dict:
