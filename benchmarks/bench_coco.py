@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2, help="passes per measurement (best)")
     parser.add_argument("--scorer", default="default",
-                        help="evaluate.coco.scorer for the stage ('default': params' default)")
+                        help="evaluate.coco.scorer for the stage ('default': the one params.yaml sets)")
     parser.add_argument("--parts-batch", type=int, default=8,
                         help="batch of the body/head split")
     parser.add_argument("--e2e", action="store_true",

@@ -74,8 +74,12 @@ def mode_model(job: dict) -> dict:
 def stage_params(job: dict) -> dict:
     coco = {"batch_size": job["batch"], "threads": job["threads"], "samples": 8, "max_images": 0,
             "score_thresh": 0.05, "xywh_plus_one": True, "draw_thresh": 0.3}
-    if job.get("scorer", "default") != "default":
-        coco["scorer"] = job["scorer"]
+    scorer = job.get("scorer", "default")
+    if scorer == "default":  # what the project's params.yaml runs (if this code knows the key)
+        project = Path(__file__).resolve().parents[1] / "params.yaml"
+        scorer = yaml.safe_load(project.read_text())["evaluate"]["coco"].get("scorer")
+    if scorer and job["mode"] == "stage":  # an older revision may not know the key
+        coco["scorer"] = scorer
     return {"evaluate": {"coco": coco}}
 
 
