@@ -26,6 +26,27 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_scorers_agree(demo: Path) -> None:
+    """The demo scores COCO with faster-coco-eval (params evaluate.coco.scorer); pycocotools,
+    the reference, must give the same summary stats on the demo's own detections, to the last
+    bit, and so byte-identical metrics."""
+    from stages.coco_eval import load_coco, metrics_from
+    from stages.coco_scoring import score_bbox
+
+    assert yaml.safe_load((demo / "params.yaml").read_text())["evaluate"]["coco"]["scorer"] == \
+        "faster-coco-eval"
+    coco = load_coco(demo / "data" / "coco" / "annotations" / "instances_val2017.json")
+    for p in ("fp32", "int8"):
+        eval_dir = demo / "eval" / f"coco_{p}"
+        assert load(eval_dir / "provenance.json")["scorer"]["name"] == "faster-coco-eval"
+        results = json.loads((eval_dir / "detections.json").read_text())
+        ids = sorted(coco.getImgIds())
+        ref = score_bbox(coco, results, ids, "pycocotools")
+        fast = score_bbox(coco, results, ids, "faster-coco-eval")
+        assert ref.stats.tolist() == fast.stats.tolist()
+        assert metrics_from(ref, len(ids)) == load(demo / "metrics" / f"coco_{p}.json")
+
+
 def test_demo_run_metrics_outputs_and_gate(demo_run):
     demo = demo_run / "demo"
     metrics = demo / "metrics"
@@ -51,6 +72,8 @@ def test_demo_run_metrics_outputs_and_gate(demo_run):
     compared = load(metrics / "compare.json")
     assert {r["check"] for r in rows} == {k.rsplit(".", 1)[0] for k in compared}
     assert all(r["status"] == compared[f"{r['check']}.status"] for r in rows)
+
+    check_scorers_agree(demo)
 
     gate = run([sys.executable, "-m", "stages.gate"], demo)
     assert gate.returncode == 0 and "PASS" in gate.stdout
