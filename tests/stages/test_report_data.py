@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from stages.compare import Floor, Target, compare
+from stages.targets import Floor, Target, compare
 from stages.report_data import headroom, threshold_rule, verdict_rows, write_verdict_rows
 
 TARGETS = [
