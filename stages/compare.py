@@ -14,6 +14,7 @@ import logging
 
 from stages.common import main_guard, write_json
 from stages.outputs import check_outputs
+from stages.report_data import write_verdict_rows
 from stages.targets import PASS, compare, fmt, load_compare_params, read_metrics_files, \
     rows_to_metrics
 
@@ -26,13 +27,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", required=True,
                         help="metrics JSON files; each is named by its file name without .json")
     parser.add_argument("--out", required=True, help="where to write the comparison JSON")
+    parser.add_argument("--rows", required=True, help="the checks as records (verdict chart)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params, targets = load_compare_params()
-    check_outputs(files={"--out": args.out}, inputs={"--metrics": args.metrics})
+    check_outputs(files={"--out": args.out, "--rows": args.rows}, inputs={"--metrics": args.metrics})
     rows = compare(read_metrics_files(args.metrics), targets, params.floors)
     for row in rows:
         level = logging.INFO if row.status == PASS else logging.WARNING
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.name, fmt(row.value), fmt(row.target), fmt(row.delta, signed=True),
                 fmt(row.tolerance), f" ({row.note})" if row.note else "")
     write_json(args.out, rows_to_metrics(rows))
+    write_verdict_rows(args.rows, rows, targets)
     failed = sum(row.status != PASS for row in rows)
     log.info("%d of %d checks pass; wrote %s (a miss is reported, not fatal: "
              "`python -m stages.gate` decides)", len(rows) - failed, len(rows), args.out)

@@ -27,29 +27,34 @@ def test_stage_reports_a_miss_and_exits_zero(tmp_path):
     (tmp_path / "coco_fp32.json").write_text('{"map": 23.0}')
     (tmp_path / "coco_int8.json").write_text('{"map": 22.9}')
     out = tmp_path / "out" / "compare.json"
+    rows = tmp_path / "out" / "compare_rows.json"
     proc = run_compare(tmp_path, "--metrics", "coco_fp32.json", "coco_int8.json",
-                       "voc_fp32.json", "--out", str(out))
+                       "voc_fp32.json", "--out", str(out), "--rows", str(rows))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["coco_fp32.map.status"] == "fail" and result["coco_fp32.map.target"] == 24.059
     assert result["voc_fp32.map.status"] == "missing" and result["voc_fp32.map.value"] is None
     assert result["coco_int8.map/coco_fp32.map.status"] == "pass"
     assert "cannot read voc_fp32.json" in proc.stderr
-    first = out.read_bytes()
+    records = {r["check"]: r for r in json.loads(rows.read_text())}  # the verdict chart's data
+    assert list(records) == ["coco_fp32.map", "voc_fp32.map", "coco_int8.map/coco_fp32.map"]
+    assert records["coco_fp32.map"]["status"] == "fail" and records["coco_fp32.map"]["value"] == 23
+    assert records["voc_fp32.map"]["status"] == "missing"
+    first, first_rows = out.read_bytes(), rows.read_bytes()
     assert run_compare(tmp_path, "--metrics", "coco_fp32.json", "coco_int8.json",
-                       "voc_fp32.json", "--out", str(out)).returncode == 0
-    assert out.read_bytes() == first  # byte-identical on rerun
+                       "voc_fp32.json", "--out", str(out), "--rows", str(rows)).returncode == 0
+    assert out.read_bytes() == first and rows.read_bytes() == first_rows  # byte-identical
 
 
 def test_stage_rejects_bad_params_with_exit_2(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS.replace("tolerance: 0.5", "tolerance: -1")
                                           .replace("ratio: 0.99", "ratoi: 0.99"))
-    out = tmp_path / "compare.json"
-    proc = run_compare(tmp_path, "--metrics", "x.json", "--out", str(out))
+    out, rows = tmp_path / "compare.json", tmp_path / "compare_rows.json"
+    proc = run_compare(tmp_path, "--metrics", "x.json", "--out", str(out), "--rows", str(rows))
     assert proc.returncode == 2
     assert "compare.targets.2.tolerance: Input should be greater than or equal to 0" in proc.stderr
     assert "compare.floors.0.ratoi: unknown key" in proc.stderr
-    assert not out.exists()
+    assert not out.exists() and not rows.exists()
 
 
 def test_load_compare_params_reads_file(tmp_path):
