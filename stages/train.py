@@ -2,7 +2,8 @@
 
     python -m stages.train voc --data data/voc/VOCdevkit --out model/voc/trained \\
         --checkpoints model/voc/checkpoints --live dvclive/train_voc \\
-        --metrics metrics/train_voc.json --speed metrics/speed_train_voc.json
+        --metrics metrics/train_voc.json --speed metrics/speed_train_voc.json \\
+        [--pretrained-base model/pretrained/vgg16_atrous.params]
 
 Reads params ``train.<branch>``. The recipe is GluonCV's ``train_ssd.py`` (``stages/training.py``):
 SGD with momentum, ``SSDMultiBoxLoss`` (hard negative mining 3:1), targets from
@@ -22,8 +23,9 @@ metrics as an uninterrupted run. Checkpoints of other params/data are ignored (a
 Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance);
 ``--metrics``: ``acc`` (anchor accuracy averaged over all training anchors, see
 ``training.summarize``), ``loss`` (last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept
-apart so identical reruns give byte-identical accuracy files); ``--live``: dvclive curves
-(rebuilt from the checkpoint history on resume, so they too match an uninterrupted run).
+apart so identical reruns give byte-identical accuracy files); ``--live``: dvclive curves of
+accuracy figures only, no speed (rebuilt from the checkpoint history on resume, so they too
+match an uninterrupted run byte for byte).
 """
 from __future__ import annotations
 
@@ -34,10 +36,10 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from stages.checkpoints import fingerprint, is_checkpoint_entry
-from stages.common import (StageError, atomic_path, library_versions, main_guard, round_floats,
-                           seed_everything, write_json)
-from stages.config import Section, load_branch
+from stages.checkpoints import clear_checkpoints, fingerprint, is_checkpoint_entry
+from stages.common import (StageError, atomic_path, file_digest, library_versions, main_guard,
+                           round_floats, seed_everything, write_json)
+from stages.config import ParamsError, Section, load_branch
 from stages.inference import configure_threads
 from stages.live import is_live_entry, live_logger, open_live, remove_live
 from stages.models import build_detector, check_input_size
@@ -54,7 +56,9 @@ class TrainParams(Section):
     """params.yaml ``train.<branch>``."""
 
     network: str = Field(min_length=1)
-    pretrained_base: str = Field(min_length=1, description="'zoo', 'none' or a .params path")
+    # true: start from the base weights file given as --pretrained-base (the pipeline passes
+    # GluonCV's ImageNet-pretrained VGG16-atrous, fetch_weights' output); false: random init
+    pretrained_base: bool
     classes: Optional[list[Annotated[str, Field(pattern=r"^[a-z0-9_ -]+$")]]] = None
     splits: list[Split] = Field(min_length=1)
     val_split: Split
@@ -109,12 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", required=True, type=Path, help="dvclive directory")
     parser.add_argument("--metrics", required=True, type=Path, help="training metrics json")
     parser.add_argument("--speed", required=True, type=Path, help="training speed json")
+    parser.add_argument("--pretrained-base", type=Path,
+                        help="base network weights file (with params pretrained_base: true)")
     args = parser.parse_args(argv)
     p = load_branch("train", args.branch, TrainParams)
+    if p.pretrained_base != (args.pretrained_base is not None):
+        need = "is required" if p.pretrained_base else "must not be given"
+        raise ParamsError(f"train.{args.branch}.pretrained_base is {p.pretrained_base}: "
+                          f"--pretrained-base {need}")
     check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
                   dirs={"--out": args.out},
                   own_dirs={"--checkpoints": args.checkpoints, "--live": args.live},
-                  inputs={"--data": args.data})
+                  inputs={"--data": args.data, "--pretrained-base": args.pretrained_base or []})
     claim_dir(args.checkpoints, "--checkpoints", is_checkpoint_entry)
     claim_dir(args.live, "--live", is_live_entry)
     configure_threads(p.threads)  # before MXNet is imported: OpenMP reads it once
@@ -131,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ids = [image_ids(train_set)[i] for i in indices]
     log.info("training %s on %d images of %s for %d epochs on %s", p.network, len(indices),
              p.splits, p.epochs, ctx)
-    net = build_detector(p.network, classes, p.pretrained_base, p.seed)
+    net = build_detector(p.network, classes, args.pretrained_base, p.seed)
     check_input_size(net, p.data_shape)
-    digest = fingerprint(p.model_dump(), classes, ids)
+    base = {"pretrained_base": file_digest(args.pretrained_base, "sha1")} if p.pretrained_base \
+        else {}
+    digest = fingerprint(p.model_dump(), classes, ids, base)
 
     live = open_live(args.live)
     try:
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(tmp / "net.json", {
             "network": p.network, "classes": list(classes), "data_shape": p.data_shape,
             "provenance": {"params": {f"train.{args.branch}": p.model_dump()},
-                           "images": len(ids), "fingerprint": digest,
+                           "images": len(ids), "fingerprint": digest, **base,
                            # accuracy only: the file must not change between identical reruns
                            "metrics": round_floats({k: metrics[k] for k in ("acc", "loss")}),
                            "libraries": library_versions()},
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = {"images_per_s": metrics.pop("images_per_s")}
     write_json(args.metrics, round_floats(metrics))
     write_json(args.speed, round_floats(speed))
+    clear_checkpoints(args.checkpoints)  # a completed run leaves nothing to resume from
     log.info("trained %d epochs: anchor acc %.4f (training average), final loss %.4f, "
              "%.1f img/s; model in %s", metrics["epochs"], metrics["acc"], metrics["loss"],
              speed["images_per_s"], args.out)

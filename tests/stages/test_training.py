@@ -90,7 +90,7 @@ def fitted(devkit, tmp_path_factory):
     p = TrainParams.model_validate(train_params(epochs=4, val_interval=4, lr_decay_epochs=[]))
     train_set = load_voc(str(devkit), p.splits, CLASSES)
     val_set = load_voc(str(devkit), [p.val_split], CLASSES)
-    net = build_detector(p.network, CLASSES, p.pretrained_base, p.seed)
+    net = build_detector(p.network, CLASSES, None, p.seed)
     history = fit(net, train_set, range(len(train_set)), val_set, p, CLASSES, [mx.cpu()],
                   ckpt, "digest", on_epoch=lambda r: None)
     return net, history, p, ckpt, val_set
@@ -124,7 +124,7 @@ def test_validation_is_what_evaluating_the_exported_model_gives(fitted, tmp_path
     net, history, p, ckpt, val_set = fitted
     validated = validate(net, val_set, p, CLASSES, [mx.cpu()])
     assert validated == history[-1]["map"] and validated > 0.0  # real detections, some right
-    copy = build_detector(p.network, CLASSES, p.pretrained_base, p.seed)  # the fitted weights
+    copy = build_detector(p.network, CLASSES, None, p.seed)  # the fitted weights
     copy.load_parameters(str(ckpt / "epoch-0004.params"))
     prefix = tmp_path / "fp32"
     stock = make_detector(copy, HeadSpec("gluoncv", prefilter_topk=False), p.data_shape)
