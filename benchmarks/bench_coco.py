@@ -1,44 +1,48 @@
-"""Throughput of the COCO detector, FP32 vs INT8: model only and end to end, batch 1/8/64.
+"""Speed of COCO evaluation: the model alone, the evaluate stage, GluonCV's own loop; FP32 vs INT8.
 
-    python benchmarks/bench_coco.py                              # seed head, batches 1 8 64
-    python benchmarks/bench_coco.py --heads seed gluoncv gluoncv-stock --out bench.json
+    python benchmarks/bench_coco.py                       # seed head, batches 1 8 64, ~25 min
+    python benchmarks/bench_coco.py --batches 8 --images 64 --out bench.json
 
-What it measures, all in one run on this machine (each configuration in a fresh child process
-with --threads OpenMP threads, so its peak memory is its own):
+Everything below comes from one run on this machine, each measurement in a fresh child process
+with --threads OpenMP threads (so its peak memory is its own), on --images generated COCO-sized
+scenes (640x480 JPEGs of ~150 kB like val2017's) with a COCO annotation file of the 80 real
+categories. Modes (rows of --out):
 
-- model: images/s of the symbolic detector (body + detection head) on a batch in memory;
-- e2e: images/s of the evaluate stage's loop (``stages.inference.detect_batches``: JPEG decode
-  and GluonCV SSD val preprocessing in a prefetch thread, forward, rescaling) plus the
-  conversion to COCO results, over 640x480 JPEG files drawn by ``stages.synthetic``;
-- e2e-serial (at --parts-batch): the same with loading in the caller's thread (no overlap);
-- parts (at --parts-batch): the body alone (the graph cut before the head) vs the whole model,
-  i.e. what the FP32 decode + NMS costs after the body, and the one-thread cost of loading and
-  preprocessing an image;
-- the INT8/FP32 ratio of each, and peak resident memory (VmHWM: ``getrusage``'s ru_maxrss would
-  carry the parent's peak over fork+exec).
+- ``model``: the exported detector alone (body + head) on a preprocessed batch in memory, as
+  many forward passes as the dataset has batches: the floor the stage is measured against;
+- ``stage``: ``stages.evaluate_coco.main`` as ``dvc repro`` runs it: model and annotation
+  loading, JPEG decoding, preprocessing, forward, COCO results, scoring (``--scorer``) and
+  writing every output (metrics, speed, detections.json, per-class and PR tables, samples,
+  provenance); its summary stats are kept to compare accuracy;
+- ``gluoncv``: GluonCV's own evaluation loop re-created (``scripts/detection/ssd/eval_ssd.py``
+  with ``--deploy``: ``SymbolBlock.imports`` + ``hybridize(static_alloc, static_shape)``,
+  ``COCODetection(skip_empty=False)``, ``DataLoader`` over ``SSDDefaultValTransform`` with
+  ``Tuple(Stack(), Pad(pad_val=-1))``, ``last_batch='rollover'``, ``num_workers`` 0 and 4 (its
+  default), boxes clipped to the input size, ``COCODetectionMetric`` with ``data_shape``), on the
+  same exported model, images, batch size and threads;
+- ``e2e``: the stage's detection loop alone (``detect_batches`` + COCO results), no scoring;
+- ``parts`` (at --parts-batch): body alone vs the whole model (the head's cost) and the CPU time
+  of loading one image, for the breakdown.
 
-Heads: ``seed`` (MultiBoxDetection), ``gluoncv`` (GluonCV's per-class NMS with the top-k
-prefilter, the default) and ``gluoncv-stock`` (GluonCV's own graph, for the before/after).
+Ground truth: the images are generated scenes, and random weights detect nothing in them, so
+every mAP would be 0 and "identical mAP" meaningless. The annotations are therefore the FP32
+model's own detections on each image (those scoring >= 0.1, at least the best 3: pseudo ground
+truth): the mAP is far from 0 and any difference in preprocessing, box rescaling or scoring
+between two loops shows up in it.
 
 Weights: SSD300-VGG16-COCO with random weights shaped like a trained detector's
-(``stages.models.init_like_trained``). Plain random initialisation gives every (anchor, class)
-pair a probability near 1/81 > 0.01, so all 8732 x 80 candidates pass the score threshold and
-NMS sorts ~700k boxes per image -- far slower than real. Here each class predictor is rescaled
-so its logits have standard deviation 1.5 and its background channels get a +9 bias: most
-anchors are confidently background and only a tail of (anchor, class) pairs pass 0.01; their
-number per image (above 0.01 and 0.05) is printed, to compare with a trained model's.
+(``stages.models.init_like_trained``), so the head sees as many candidates as with trained
+weights (printed). Speed depends on the weights only through that number.
 
-Caveat: speed depends on the weights only through the number of candidates the head sees, so
-the ratios carry over to trained weights, but absolute numbers depend on the CPU (this one has
-AVX-512 VNNI, which INT8 convolutions use) and on whatever else runs on it: the load average is
-printed at the start and the end.
+Precisions are a list (``PRECISIONS``): a new one needs an entry there (how to make its model
+from the FP32 one) and nothing else here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
+import platform
 import subprocess
 import sys
 import tempfile
@@ -47,38 +51,134 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_coco_modes import peak_rss_mb, run_mode  # noqa: E402  (the child-process side)
+
 NETWORK = "ssd_300_vgg16_atrous_coco"
 SIZE = 300
+PSEUDO_GT_SCORE = 0.1
+PSEUDO_GT_MIN = 3  # per image: at least its best few detections, whatever their score
+GLUONCV_WORKERS = (0, 4)
+# The 80 category ids of COCO 2017 (not contiguous), in GluonCV's class order.
+COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+            27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
+            52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
+            78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+
+
+def make_int8(fp32_prefix: Path, out: Path, calib: np.ndarray) -> None:
+    """INT8 model from the FP32 one: naive calibration on ``calib``, as the quantize stage."""
+    from stages.export import check_input, export_block
+    from stages.inference import load_symbol_block
+    from stages.quantization import quantize
+    from stages.quantize import QuantizeParams
+
+    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib), batch_size=len(calib))
+    # no logger: MXNet's per-layer calibration log is only switched on when one is given
+    net = quantize(load_symbol_block(fp32_prefix), calib, SIZE, qp, None)
+    export_block(net, out, check_input(SIZE))
+
+
+# precision -> how to make its model from the FP32 export (None: the FP32 export itself)
+PRECISIONS = {"fp32": None, "int8": make_int8}
 
 
 # ---------------------------------------------------------------------------------------------
 # Preparation (parent process)
 
-def make_images(folder: Path, n: int) -> list[Path]:
-    """``n`` 640x480 JPEGs of generated scenes (COCO-sized, so decoding costs what it does)."""
-    import cv2
-
+def make_dataset(root: Path, n: int) -> tuple[Path, list[Path]]:
+    """``n`` 640x480 JPEGs of generated scenes, ~150 kB each like val2017's (so decoding costs
+    what it does there), in the COCO layout GluonCV's COCODetection reads (coco_url)."""
     from stages.synthetic import encode_jpeg, make_samples
 
-    folder.mkdir(parents=True, exist_ok=True)
+    images = root / "val2017"
+    images.mkdir(parents=True, exist_ok=True)
     paths = []
-    for s in make_samples(n, ["ellipse", "rectangle", "star", "cross"], 320, 6, seed=3):
-        path = folder / f"{s.name}.jpg"
-        path.write_bytes(encode_jpeg(cv2.resize(s.image, (640, 480))))
+    for i, s in enumerate(make_samples(n, ["ellipse", "rectangle", "star", "cross"], 640, 6,
+                                       seed=3, noise=32), start=1):
+        path = images / f"{i:012d}.jpg"
+        path.write_bytes(encode_jpeg(s.image[:480]))
         paths.append(path)
-    return paths
+    return images, paths
 
 
-def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
+def write_pseudo_ground_truth(root: Path, paths: list[Path], fp32_prefix: Path,
+                              batch: int) -> Path:
+    """instances_val2017.json: the 80 COCO categories and, as objects, the FP32 model's own
+    detections scoring >= PSEUDO_GT_SCORE, and at least each image's best PSEUDO_GT_MIN (COCO
+    xywh, width x2 - x1 + 1 as GluonCV writes)."""
+    from gluoncv.data import COCODetection
+
+    from stages.inference import ImageItem, detect_batches, load_detector
+
+    net, meta = load_detector(fp32_prefix)
+    items = [ImageItem(i, p) for i, p in enumerate(paths, start=1)]
+    coco_ids = COCO_IDS
+    images, annotations = [], []
+    for result in detect_batches(net, items, meta, batch):
+        for det in result.detections:
+            path = paths[det.key - 1]
+            images.append({"id": det.key, "file_name": path.name, "width": 640, "height": 480,
+                           "coco_url": f"http://images.cocodataset.org/val2017/{path.name}"})
+            for rank, (cls, score, (x1, y1, x2, y2)) in enumerate(
+                    zip(det.ids, det.scores, det.boxes.astype(float))):  # by score
+                if score >= PSEUDO_GT_SCORE or rank < PSEUDO_GT_MIN:
+                    w, h = x2 - x1 + 1, y2 - y1 + 1
+                    annotations.append({"id": len(annotations) + 1, "image_id": det.key,
+                                        "category_id": coco_ids[int(cls)], "iscrowd": 0,
+                                        "bbox": [round(x1, 2), round(y1, 2), round(w, 2),
+                                                 round(h, 2)], "area": round(w * h, 2)})
+    categories = [{"id": cid, "name": name, "supercategory": "thing"}
+                  for cid, name in zip(coco_ids, COCODetection.CLASSES)]
+    path = root / "annotations" / "instances_val2017.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": categories}))
+    return path
+
+
+def prepare_models(folder: Path, heads: list[str], precisions: list[str],
+                   calib_paths: list[Path]) -> dict:
+    """Export FP32 models with each head and derive the other precisions;
+    return {(head, precision): prefix}."""
+    from stages.export import check_input, export_block
+    from stages.heads import HeadSpec, make_detector
+    from stages.inference import ImageItem, load_batch
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
+
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = load_batch([ImageItem(p.name, p) for p in calib_paths], SIZE, GLUONCV_MEAN,
+                       GLUONCV_STD).data
+    prefixes = {}
+    for head in heads:
+        ssd = build_network(NETWORK)
+        init_like_trained(ssd)
+        spec = HeadSpec("gluoncv", prefilter_topk=False) if head == "gluoncv-stock" else \
+            HeadSpec(head)
+        fp32 = folder / f"{head}-fp32"
+        export_block(make_detector(ssd, spec, SIZE), fp32, check_input(SIZE))
+        meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
+                "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
+        for precision in precisions:
+            prefix = folder / f"{head}-{precision}"
+            if PRECISIONS[precision] is not None:
+                PRECISIONS[precision](fp32, prefix, calib)
+            Path(f"{prefix}-meta.json").write_text(json.dumps({**meta, "precision": precision}))
+            prefixes[(head, precision)] = prefix
+    return prefixes
+
+
+def candidate_counts(paths: list[Path]) -> tuple[float, float]:
     """Mean (anchor, class) pairs per image with probability > 0.01 and > 0.05."""
     import mxnet as mx
 
     from stages.inference import ImageItem, load_batch
-    from stages.models import GLUONCV_MEAN, GLUONCV_STD
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
 
+    ssd = build_network(NETWORK)
+    init_like_trained(ssd)
     batch = load_batch([ImageItem(p.name, p) for p in paths], SIZE, GLUONCV_MEAN, GLUONCV_STD)
-    x = mx.nd.array(batch.data)
-    feats = ssd.features(x)
+    feats = ssd.features(mx.nd.array(batch.data))
     logits = mx.nd.concat(*[mx.nd.flatten(mx.nd.transpose(cp(f), (0, 2, 3, 1)))
                             for f, cp in zip(feats, ssd.class_predictors)], dim=1)
     probs = mx.nd.softmax(logits.reshape((0, -1, ssd.num_classes + 1)), axis=-1).asnumpy()
@@ -86,44 +186,12 @@ def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
     return float((fg > 0.01).sum() / len(paths)), float((fg > 0.05).sum() / len(paths))
 
 
-def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
-    """Export FP32 models with each head and quantize them; return {(head, precision): prefix}."""
-    from stages.export import check_input, export_block
-    from stages.heads import HeadSpec, make_detector
-    from stages.inference import ImageItem, load_batch, load_symbol_block
-    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
-    from stages.quantization import quantize
-    from stages.quantize import QuantizeParams
-
-    folder.mkdir(parents=True, exist_ok=True)
-    prefixes = {}
-    calib_data = load_batch([ImageItem(p.name, p) for p in calib], SIZE, GLUONCV_MEAN,
-                            GLUONCV_STD).data
-    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib),
-                                 batch_size=len(calib))
-    for head in heads:
-        ssd = build_network(NETWORK)
-        init_like_trained(ssd)
-        spec = HeadSpec("gluoncv", prefilter_topk=False) if head == "gluoncv-stock" else \
-            HeadSpec(head)
-        det = make_detector(ssd, spec, SIZE)
-        fp32 = folder / f"{head}-fp32"
-        export_block(det, fp32, check_input(SIZE))
-        # no logger: MXNet's per-layer calibration log is only switched on when one is given
-        int8_net = quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
-        int8 = folder / f"{head}-int8"
-        export_block(int8_net, int8, check_input(SIZE))
-        meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
-                "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
-        for precision, prefix in (("fp32", fp32), ("int8", int8)):
-            Path(f"{prefix}-meta.json").write_text(json.dumps({**meta, "precision": precision}))
-            prefixes[(head, precision)] = prefix
-    return prefixes
-
-
 def run_worker(job: dict, threads: int) -> dict:
-    """Run one measurement in a fresh process with ``threads`` OpenMP threads."""
+    """Run one measurement in a fresh process with ``threads`` OpenMP threads (and the
+    ``stages`` package of ``job['src']`` instead of this checkout's, if given)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MXNET_CPU_WORKER_NTHREADS="1")
+    if job.get("src"):
+        env["PYTHONPATH"] = job["src"]
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -131,116 +199,109 @@ def run_worker(job: dict, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------------------------------------
-# Measurements (child process)
-
-def body_only(net_prefix: str):
-    """The detector's graph cut before the head: outputs the two concats of raw predictions."""
-    import mxnet as mx
-
-    from stages.inference import load_symbol_block
-
-    full = load_symbol_block(net_prefix)
-    sym = mx.sym.load(f"{net_prefix}-symbol.json")
-    internals = sym.get_internals()
-    names = [n for n in internals.list_outputs() if n.startswith("concat") or "_concat" in n]
-    cut = mx.sym.Group([internals[n] for n in names[:2]])
-    block = mx.gluon.SymbolBlock(cut, mx.sym.var("data"), params=full.collect_params())
-    return block, names[:2]
+def export_source(rev: str, dest: Path) -> Path:
+    """The ``stages`` package as of git revision ``rev``, extracted under ``dest``."""
+    dest.mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", rev, "stages"], cwd=repo, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
-def best_times(fns: list, iters: int, warmup: bool = True) -> list[float]:
-    """Best-of-``iters`` seconds per call of each of ``fns`` (after a warm-up call each), calls
-    interleaved: the minimum discounts other processes' load, interleaving shares it out."""
-    for fn in fns if warmup else []:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(iters):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def worker(job: dict) -> dict:
-    import mxnet as mx
-
-    from stages.coco_eval import to_coco_results
-    from stages.inference import ImageItem, detect_batches, load_batch, load_detector
-
-    net, meta = load_detector(job["prefix"])
-    batch = job["batch"]
-    paths = sorted(Path(job["images"]).glob("*.jpg"))
-    result = {k: job[k] for k in ("head", "precision", "batch", "mode")}
-    items = [ImageItem(i, p) for i, p in enumerate(paths)]
-    x = mx.nd.array(load_batch(items[:batch], SIZE, meta["mean"], meta["std"]).data)
-    if job["mode"] == "model":
-        sec, = best_times([lambda: [o.asnumpy() for o in net(x)]], job["iters"])
-        result["images_per_s"] = batch / sec
-    elif job["mode"] in ("e2e", "e2e-serial"):
-        items = items[:batch * job["iters"]]
-        prefetch = 0 if job["mode"] == "e2e-serial" else 2
-
-        def evaluate_loop():
-            dets = []
-            for res in detect_batches(net, items, meta, batch, prefetch=prefetch):
-                dets.extend(res.detections)
-            to_coco_results(dets, list(range(1, 81)), 0.05, True)
-
-        [o.asnumpy() for o in net(x)]  # warm-up: graph and memory
-        sec, = best_times([evaluate_loop], job["repeats"], warmup=False)
-        result["images_per_s"] = len(items) / sec
-    elif job["mode"] == "parts":
-        body, _ = body_only(job["prefix"])
-        body.hybridize(static_alloc=True, static_shape=True)
-        full_s, body_s = best_times([lambda: [o.asnumpy() for o in net(x)],
-                                     lambda: [o.asnumpy() for o in body(x)]], job["iters"])
-        result.update(model_ms_per_image=1000 * full_s / batch,
-                      body_ms_per_image=1000 * body_s / batch,
-                      head_ms_per_image=1000 * (full_s - body_s) / batch)
-        some = items[:16]
-        load_s, = best_times([lambda: load_batch(some, SIZE, meta["mean"], meta["std"])], 2)
-        result["load_ms_per_image"] = 1000 * load_s / len(some)
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. ``getrusage`` keeps the ru_maxrss of the parent
-    across fork+exec (the parent holds several models), so the kernel's per-process high-water
-    mark VmHWM is read first; getrusage is the fallback off Linux."""
+def machine() -> str:
+    """CPU model, the instruction-set flags that matter for these numbers, cores, load."""
+    model, flags = platform.processor() or "unknown CPU", set()
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "amx_bf16", "amx_int8")
+    return (f"{model}, {os.cpu_count()} cores; flags: "
+            f"{' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}")
 
 
 # ---------------------------------------------------------------------------------------------
+# The table
 
-def report(rows: list[dict], heads: list[str], batches: list[int]) -> str:
-    lines = ["| head | mode | batch | FP32 img/s | INT8 img/s | INT8/FP32 | peak MB fp32/int8 |",
-             "|---|---|---|---|---|---|---|"]
-    find = {(r["head"], r["mode"], r["batch"], r["precision"]): r for r in rows}
-    for head in heads:
-        for mode in ("model", "e2e", "e2e-serial"):
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def running(stage: dict) -> float:
+    """The stage's seconds without its setup (reading params and annotations, loading the
+    model): what grows with the dataset. Over val2017's 5,000 images the setup is ~1 %."""
+    return stage["seconds"] - stage.get("phases", {}).get("setup", 0.0)
+
+
+def report(rows: list[dict], heads: list[str], precisions: list[str],
+           batches: list[int]) -> str:
+    """One table with every ratio the goals name, then where the stage's time went."""
+    find = {(r["head"], r["precision"], r["batch"], r["mode"], r.get("loader_workers")): r
+            for r in rows}
+
+    def get(h, p, b, mode, workers=None):
+        return find.get((h, p, b, mode, workers))
+
+    lines = ["| head | precision | batch | model img/s | stage img/s | stage/model time, "
+             "whole / without setup (goal <= 1.05) | stage setup s | GluonCV loop img/s "
+             "(workers 0 / 4) | stage speed-up vs GluonCV's best (goal >= 1.2 INT8 b8, >= 1 "
+             "else) | summary stats equal to GluonCV's | stage INT8/FP32, whole / without "
+             "setup (goal >= 3.5) | stage speed-up vs before (--before) | peak MB at batch 64: "
+             "model / stage / before / GluonCV (w0, w4) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for h in heads:
+        for p in precisions:
+            mem = [get(h, p, 64, m, w) for m, w in (("model", None), ("stage", None),
+                                                    ("stage-before", None),
+                                                    ("gluoncv", GLUONCV_WORKERS[0]),
+                                                    ("gluoncv", GLUONCV_WORKERS[1]))]
+            mem_text = " / ".join(f"{r['peak_rss_mb']:.0f}" if r else "-" for r in mem[:3])
+            mem_text += " / " + ", ".join(f"{r['peak_rss_mb']:.0f}" if r else "-"
+                                          for r in mem[3:])
             for b in batches:
-                f, q = find.get((head, mode, b, "fp32")), find.get((head, mode, b, "int8"))
-                if not (f and q):
+                model, stage = get(h, p, b, "model"), get(h, p, b, "stage")
+                if not (model and stage):
                     continue
-                lines.append(f"| {head} | {mode} | {b} | {f['images_per_s']:.2f} | "
-                             f"{q['images_per_s']:.2f} | "
-                             f"{q['images_per_s'] / f['images_per_s']:.2f}x | "
-                             f"{f['peak_rss_mb']:.0f}/{q['peak_rss_mb']:.0f} |")
+                forward = stage["images"] / model["images_per_s"]
+                gl = [get(h, p, b, "gluoncv", w) for w in GLUONCV_WORKERS]
+                gl_text = " / ".join(f"{g['images_per_s']:.2f}" if g else "-" for g in gl)
+                best = max((g for g in gl if g), key=lambda g: g["images_per_s"], default=None)
+                equal = "-" if not best else "yes" if best["stats"] == stage["stats"] else (
+                    f"AP {stage['stats'][0]:.6f} vs {best['stats'][0]:.6f}; rounded as the "
+                    f"stage writes: "
+                    f"{'yes' if best.get('stats_rounded_like_stage') == stage['stats'] else 'no'}")
+                before = get(h, p, b, "stage-before")
+                vs_before = ratio(before["seconds"], stage["seconds"]) if before else "-"
+                fp32 = get(h, "fp32", b, "stage")
+                q = (f"{ratio(fp32['seconds'], stage['seconds'])} / "
+                     f"{ratio(running(fp32), running(stage))}") if fp32 and p != "fp32" else "-"
+                lines.append(
+                    f"| {h} | {p} | {b} | {model['images_per_s']:.2f} | "
+                    f"{stage['images_per_s']:.2f} | {ratio(stage['seconds'], forward)} / "
+                    f"{ratio(running(stage), forward)} | "
+                    f"{stage.get('phases', {}).get('setup', 0):.1f} | {gl_text} | "
+                    f"{ratio(best['seconds'], stage['seconds']) if best else '-'} | "
+                    f"{equal} | {q} | {vs_before} | {mem_text} |")
+    lines.append("")
     for r in rows:
+        model = get(r["head"], r["precision"], r["batch"], "model")
+        if r["mode"] == "stage" and r.get("phases") and model:
+            lines.append(f"- stage {r['head']} {r['precision']} b{r['batch']}: "
+                         + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
+                         + f"; the model alone over the same images "
+                         f"{r['images'] / model['images_per_s']:.2f} s")
         if r["mode"] == "parts":
-            lines.append(f"parts {r['head']} {r['precision']} batch {r['batch']}: "
-                         f"model {r['model_ms_per_image']:.1f} ms/img = body "
+            lines.append(f"- parts {r['head']} {r['precision']} b{r['batch']}: model "
+                         f"{r['model_ms_per_image']:.1f} ms/img = body "
                          f"{r['body_ms_per_image']:.1f} + head {r['head_ms_per_image']:.1f}; "
-                         f"load+preprocess {r['load_ms_per_image']:.1f} ms/img (1 thread)")
+                         f"loading one image {r['load_cpu_ms_per_image']:.2f} ms CPU (decode + "
+                         f"preprocess)")
     return "\n".join(lines)
 
 
@@ -249,55 +310,76 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=["seed"],
                         choices=["seed", "gluoncv", "gluoncv-stock"],
                         help="gluoncv-stock: GluonCV's own head graph (no top-k prefilter)")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS),
+                        choices=list(PRECISIONS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--images", type=int, default=128,
+                        help="dataset size (a multiple of every batch size keeps batches whole)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--iters", type=int, default=3,
-                        help="timed batches per measurement (best taken; e2e: batches per pass)")
-    parser.add_argument("--repeats", type=int, default=2, help="e2e passes (best taken)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes per measurement (best)")
+    parser.add_argument("--scorer", default="default",
+                        help="evaluate.coco.scorer for the stage ('default': the one params.yaml sets)")
     parser.add_argument("--parts-batch", type=int, default=8,
-                        help="batch of the body/head split and of the e2e run without prefetch")
+                        help="batch of the body/head split")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also time the detection loop alone (detect_batches + results)")
+    parser.add_argument("--gluoncv", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run GluonCV's own loop")
+    parser.add_argument("--before", metavar="REV",
+                        help="also run the stage as of git revision REV (mode stage-before)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        job = json.loads(args.worker)
+        result = run_mode(job)
+        result["peak_rss_mb"] = peak_rss_mb()
+        result["load_end"] = os.getloadavg()[0]
+        print(json.dumps(result))
         return
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    print(f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    started = time.time()
+    print(f"{machine()}\nload average at start {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_coco_") as tmp:
-        tmp = Path(tmp)
-        started = time.time()
-        paths = make_images(tmp / "images",
-                            max(max(args.batches + [args.parts_batch]) * args.iters, 16))
-        from stages.models import build_network, init_like_trained
-
-        ssd = build_network(NETWORK)
-        init_like_trained(ssd)
-        above01, above05 = candidate_counts(ssd, paths[:8])
+        root = Path(tmp)
+        images, paths = make_dataset(root / "coco", args.images)
+        above01, above05 = candidate_counts(paths[:8])
         print(f"candidates per image: {above01:.0f} above 0.01, {above05:.0f} above 0.05 "
               f"(of {8732 * 80} anchor-class pairs)", flush=True)
-        prefixes = prepare_models(tmp / "models", args.heads, paths[:8])
+        prefixes = prepare_models(root / "models", args.heads, args.precisions, paths[:8])
+        annotations = write_pseudo_ground_truth(root / "coco", paths,
+                                                root / "models" / f"{args.heads[0]}-fp32", 8)
+        print(f"dataset: {len(paths)} images, "
+              f"{len(json.loads(annotations.read_text())['annotations'])} pseudo ground-truth "
+              f"objects; prepared in {time.time() - started:.0f} s", flush=True)
         rows = []
+        before = str(export_source(args.before, root / "before")) if args.before else None
+        common = {"images_dir": str(images), "annotations": str(annotations),
+                  "repeats": args.repeats, "threads": args.threads, "scorer": args.scorer, "work": str(root / "work")}
         for (head, precision), prefix in prefixes.items():
-            for mode in ("model", "e2e"):
-                for b in args.batches:
-                    job = {"prefix": str(prefix), "images": str(tmp / "images"), "head": head,
+            for b in args.batches:
+                modes = [("model", None), ("stage", None)] + [("e2e", None)] * args.e2e
+                if args.before:
+                    modes.append(("stage-before", None))
+                if args.gluoncv:
+                    modes += [("gluoncv", w) for w in GLUONCV_WORKERS]
+                for mode, workers in modes:
+                    job = {**common, "prefix": str(prefix), "head": head,
                            "precision": precision, "batch": b, "mode": mode,
-                           "iters": args.iters if b > 1 else 4 * args.iters,
-                           "repeats": args.repeats}
+                           "loader_workers": workers,
+                           "src": before if mode == "stage-before" else None}
                     rows.append(run_worker(job, args.threads))
-                    print(json.dumps(rows[-1]), flush=True)
-            for mode in ("e2e-serial", "parts"):  # prefetch off; body vs head
-                rows.append(run_worker({"prefix": str(prefix), "images": str(tmp / "images"),
-                                        "head": head, "precision": precision, "mode": mode,
-                                        "batch": args.parts_batch, "iters": args.iters,
-                                        "repeats": args.repeats},
-                                       args.threads))
-                print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.threads} threads; load average at the end {os.getloadavg()[0]:.2f} "
-          f"(other processes skew absolute numbers); total {time.time() - started:.0f} s\n")
-    print(report(rows, args.heads, sorted(set(args.batches + [args.parts_batch]))))
+                    print(json.dumps({k: v for k, v in rows[-1].items()
+                                      if not k.startswith("stats")}), flush=True)
+            job = {**common, "prefix": str(prefix), "head": head, "precision": precision,
+                   "batch": args.parts_batch, "mode": "parts"}
+            rows.append(run_worker(job, args.threads))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{machine()}; {args.threads} OpenMP threads; {args.images} images; load average "
+          f"at the end {os.getloadavg()[0]:.2f} (other processes skew absolute numbers); "
+          f"total {time.time() - started:.0f} s\n")
+    print(report(rows, args.heads, args.precisions, sorted(set(args.batches))))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -54,12 +54,15 @@ def read_base(rev: str, paths: Mapping[str, str],
 
     verify_revision(rev)  # so that "no such file" below really means "not in that commit"
     root = Repo.find_root(os.getcwd())
-
-    def rel(path: str) -> str:
-        return Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
-
     metrics: dict[str, Any] = {}
     try:
+        with Repo(root) as repo:  # paths at a revision are relative to the Git root, which is
+            top = repo.scm.root_dir  # not the DVC root for a sub-project (demo/.dvc)
+
+        def rel(path: str) -> str:
+            return Path(os.path.relpath(os.path.realpath(path), os.path.realpath(top))) \
+                .as_posix()
+
         fs = DVCFileSystem(root, rev=rev)
         for name, path in paths.items():
             try:

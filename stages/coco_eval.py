@@ -1,4 +1,4 @@
-"""COCO-style scoring with pycocotools: ground truth, class mapping, results format, scores.
+"""COCO-style scoring: ground truth, class mapping, results format, scores.
 
 Detections (``stages.inference.Detections``, boxes in original pixels) become COCO results:
 class index i is mapped to the i-th smallest category id (after checking the model's class
@@ -6,19 +6,18 @@ names are the categories' names) and boxes go out as COCO [x, y, w, h]; with ``p
 width is ``x2 - x1 + 1`` as in GluonCV's COCODetectionMetric, whose loader stores
 ``x2 = x + w - 1`` (the convention the seed's and the model zoo's numbers were measured with).
 Scores are COCOeval's 12 summary stats (in percent in the metrics), AP per class and the mean
-precision-recall curve.
+precision-recall curve, by pycocotools or faster-coco-eval (``stages.coco_scoring``).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from stages.coco_scoring import CocoScores, score_bbox
 from stages.common import StageError, round_floats
 from stages.inference import Detections, ImageItem
 
@@ -76,50 +75,33 @@ def image_items(coco, images_dir: Path, max_images: int) -> list[ImageItem]:
 
 def to_coco_results(detections: Iterable[Detections], category_ids: Sequence[int],
                     score_thresh: float, plus_one: bool) -> list[dict]:
-    """COCO results entries (image_id, category_id, bbox xywh, score), rounded for the file."""
-    results = []
+    """COCO results entries (image_id, category_id, bbox xywh, score), rounded for the file:
+    bbox to 3 decimals (numpy's rounding, float64), score to 6 (Python's). Detections scoring
+    under ``score_thresh`` or of a class index outside ``category_ids`` are left out."""
+    cats = np.asarray(category_ids, np.int64)
     pad = 1.0 if plus_one else 0.0
+    results: list[dict] = []
     for det in detections:
-        for cid, score, (x1, y1, x2, y2) in zip(det.ids, det.scores, det.boxes.astype(np.float64)):
-            if score < score_thresh or not 0 <= cid < len(category_ids):
-                continue
-            results.append({
-                "image_id": int(det.key),
-                "category_id": int(category_ids[cid]),
-                "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1 + pad, 3),
-                         round(y2 - y1 + pad, 3)],
-                "score": round(float(score), 6),
-            })
+        ids = np.asarray(det.ids).reshape(-1)
+        scores = np.asarray(det.scores).reshape(-1)
+        keep = ~(scores < score_thresh) & (ids >= 0) & (ids < len(cats))
+        if not keep.any():
+            continue
+        b = np.asarray(det.boxes).reshape(-1, 4)[keep].astype(np.float64)
+        xywh = np.round(np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0] + pad,
+                                  b[:, 3] - b[:, 1] + pad], axis=1), 3).tolist()
+        key = int(det.key)
+        results.extend({"image_id": key, "category_id": c, "bbox": box, "score": round(s, 6)}
+                       for c, box, s in zip(cats[ids[keep]].tolist(), xywh,
+                                            scores[keep].astype(np.float64).tolist()))
     return results
 
 
-@dataclass
-class CocoScores:
-    """COCOeval's 12 summary stats (fractions, -1 = undefined) and its precision array."""
-
-    stats: np.ndarray
-    precision: np.ndarray  # [iou thr, recall thr, class, area, max dets]
-    summary: str
-
-
-def score_detections(coco_gt, results: list[dict], image_ids: Sequence[int]) -> CocoScores:
-    """Score COCO results against ``coco_gt`` on ``image_ids`` (bbox, pycocotools defaults)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if results:
-        coco_dt, _ = quiet_call(coco_gt.loadRes, copy.deepcopy(results))
-    else:  # loadRes cannot take an empty list
-        coco_dt = COCO()
-        coco_dt.dataset = {"images": coco_gt.dataset["images"],
-                           "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-                           "annotations": []}
-        quiet_call(coco_dt.createIndex)
-    ev = COCOeval(coco_gt, coco_dt, "bbox")
-    ev.params.imgIds = list(image_ids)
-    _, text = quiet_call(lambda: (ev.evaluate(), ev.accumulate(), ev.summarize()))
-    summary = "\n".join(line for line in text.splitlines() if line.startswith(" Average"))
-    return CocoScores(np.asarray(ev.stats, np.float64), ev.eval["precision"], summary)
+def score_detections(coco_gt, results: list[dict], image_ids: Sequence[int],
+                     scorer: str = "pycocotools") -> CocoScores:
+    """Score COCO results against ``coco_gt`` on ``image_ids`` (bbox, pycocotools defaults)
+    with ``scorer``: pycocotools (the reference) or faster-coco-eval (stages/coco_scoring.py)."""
+    return score_bbox(coco_gt, results, image_ids, scorer)
 
 
 def metrics_from(scores: CocoScores, images: int) -> dict:

@@ -15,6 +15,7 @@ import logging
 from stages.common import main_guard, write_json
 from stages.outputs import check_outputs
 from stages.metrics_files import read_metrics_files
+from stages.report_data import write_verdict_rows
 from stages.targets import INFO, PASS, compare, fmt, load_compare_params, rows_to_metrics
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", required=True,
                         help="metrics JSON files; each is named by its file name without .json")
     parser.add_argument("--out", required=True, help="where to write the comparison JSON")
+    parser.add_argument("--rows", required=True, help="the checks as records (verdict chart)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params, targets, _ = load_compare_params()
-    check_outputs(files={"--out": args.out}, inputs={"--metrics": args.metrics})
+    check_outputs(files={"--out": args.out, "--rows": args.rows},
+                  inputs={"--metrics": args.metrics})
     rows = compare(read_metrics_files(args.metrics), targets, params.floors)
     for row in rows:
         level = logging.INFO if row.status in (PASS, INFO) else logging.WARNING
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.name, fmt(row.value), fmt(row.target), fmt(row.delta, signed=True),
                 fmt(row.tolerance), f" ({row.note})" if row.note else "")
     write_json(args.out, rows_to_metrics(rows))
+    write_verdict_rows(args.rows, rows, targets.values())
     judged = [row for row in rows if row.status != INFO]
     passed = sum(row.status == PASS for row in judged)
     log.info("%d of %d checks pass (%d informational); wrote %s (a miss is reported, not fatal:"

@@ -47,11 +47,19 @@ class ConvertParams(Section):
     variances: list[float] = Field(default=list(STOCK_VARIANCES), min_length=4, max_length=4)
     clip: bool = True  # seed head: clip decoded boxes to the image (MultiBoxDetection's default)
     # gluoncv head: pick the nms_topk best (anchor, class) scores before building the NMS input
-    # (same detections as GluonCV's graph, which sorts all N x C candidates: ~25x less head time)
+    # (~25x less head time than GluonCV's graph, which sorts all N x C candidates). The same
+    # detections up to exact score ties: rows with equal scores may reach NMS in another order
+    # (topk vs box_nms's own sort), so which of two tied overlapping boxes survives, or which
+    # tied row is cut at nms_topk, can differ.
     prefilter_topk: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConvertParams":
+        if self.post_nms > self.nms_topk:
+            # NMS keeps at most nms_topk rows, so more post_nms rows could only be empty; the
+            # gluoncv head with prefilter_topk cannot even build its graph (slice past the end)
+            raise ValueError(f"post_nms ({self.post_nms}) must not exceed nms_topk "
+                             f"({self.nms_topk}): at most nms_topk detections survive NMS")
         if self.weights == "trained":
             given = [k for k in ("network", "data_shape") if getattr(self, k) is not None]
             if given:

@@ -4,10 +4,13 @@
         --metrics metrics/voc_fp32.json --speed metrics/speed_voc_fp32.json \
         --eval-dir eval/voc_fp32
 
-Reads params ``evaluate.<branch>`` (split, batch_size, threads, samples, draw_thresh,
+Reads params ``evaluate.<branch>`` (split, frame, batch_size, threads, samples, draw_thresh,
 max_images). Detection is ``stages.voc.detect_voc`` over the shared ``stages.inference`` path
-(GluonCV's SSD validation preprocessing) — the same call the train stage validates with;
-scoring is GluonCV's ``VOC07MApMetric`` in the original image frame (``stages.voc``).
+(GluonCV's SSD validation preprocessing, boxes clipped to the network input) — the same call
+the train stage validates with; scoring is GluonCV's ``VOC07MApMetric`` in the frame of params
+``frame`` (``stages.voc.in_frame``): ``network`` (default: the data_shape input with the
+ground truth resized alongside, where GluonCV's eval_ssd.py scores and the model zoo's 77.6 was
+measured) or ``original`` (the image's own pixels).
 
 Outputs:
 - ``--metrics``: ``map`` (percent), ``images`` — deterministic, byte-identical on rerun.
@@ -16,8 +19,9 @@ Outputs:
   truth), ``pr.csv`` (recall, precision: interpolated precision averaged over classes, IoU 0.5),
   ``detections.json`` (COCO results format: ``image_id`` = VOC image id, ``category_id`` =
   class index + 1 in the model's class list, ``bbox`` = [x, y, w, h] in the 0-based pixels of
-  GluonCV's VOC loader, ``score``), ``samples/*.png`` (images with predicted boxes drawn), and
-  ``provenance.json`` (model meta, params, library versions).
+  GluonCV's VOC loader (original image pixels, whatever the scoring frame), ``score``),
+  ``samples/*.png`` (images with predicted boxes drawn), and ``provenance.json`` (model meta,
+  params with the scoring frame, library versions).
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ from stages.config import Section, load_branch
 from stages.eval_outputs import csv_text, expect_precision, latency_summary, write_eval_dir
 from stages.inference import configure_threads, load_detector, model_files, read_meta
 from stages.outputs import check_outputs
-from stages.voc import (Split, as_triples, detect_voc, detections_records, image_ids,
-                        image_items, labels, load_voc, per_class_rows, pr_rows, score_voc07)
+from stages.voc import (Frame, Split, as_triples, detect_voc, detections_records, image_ids,
+                        image_items, in_frame, labels, load_voc, per_class_rows, pr_rows,
+                        score_voc07)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ class EvaluateVocParams(Section):
     """params.yaml ``evaluate.<branch>`` for a VOC-format dataset."""
 
     split: Split
+    # network: score in the data_shape input with the ground truth resized (GluonCV's
+    # eval_ssd.py, the frame of the model zoo's 77.6); original: in the image's own pixels
+    frame: Frame = "network"
     batch_size: int = Field(ge=1)
     threads: int = Field(ge=0)  # OpenMP threads; 0 = all cores
     samples: int = Field(ge=0)  # images drawn with their predictions into <eval-dir>/samples
@@ -73,29 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_voc(args.data, [p.split], classes)
     n = min(p.max_images, len(dataset)) if p.max_images else len(dataset)
     net, meta = load_detector(args.model)
-    log.info("evaluating %s (%s, %s head) on %d images of VOC%d %s, batch %d, %d threads",
-             args.model, args.precision, meta["head"], n, *p.split, p.batch_size, threads)
+    log.info("evaluating %s (%s, %s head) on %d images of VOC%d %s, batch %d, %d threads; "
+             "scored in the %s frame", args.model, args.precision, meta["head"], n, *p.split,
+             p.batch_size, threads, p.frame)
 
     detections, seconds, wall = detect_voc(net, meta, dataset, n, p.batch_size, desc="evaluate")
-    triples = as_triples(detections)
-    scores = score_voc07(triples, labels(dataset)[:n], classes)
+    scores = score_voc07(*in_frame(detections, labels(dataset)[:n], p.frame,
+                                   int(meta["data_shape"])), classes)
     recall, precision = scores["pr"]
     speed = latency_summary(seconds, n, wall, p.batch_size, threads)
 
     write_eval_dir(args.eval_dir, {
         "per_class.csv": csv_text(["class", "ap"], per_class_rows(scores["per_class"])),
         "pr.csv": csv_text(["recall", "precision"], pr_rows(recall, precision)),
-        "detections.json": dumps_json(detections_records(image_ids(dataset)[:n], triples)),
+        "detections.json": dumps_json(detections_records(image_ids(dataset)[:n],
+                                                         as_triples(detections))),
         "provenance.json": dumps_json({
             "model": {"prefix": str(args.model), "meta": meta,
                       "params_md5": file_digest(f"{args.model}-0000.params")},
             "params": {f"evaluate.{args.branch}": p.model_dump()},
+            "frame": p.frame,
             "libraries": library_versions()}),
     }, image_items(dataset, n), detections, classes, p.samples, p.draw_thresh)
     write_json(args.speed, round_floats(speed))
     write_json(args.metrics, round_floats({"map": scores["map"], "images": n}))
-    log.info("VOC07 mAP %.2f on %d images (%s); %.1f img/s", scores["map"], n, args.precision,
-             speed["images_per_s"])
+    log.info("VOC07 mAP %.2f on %d images (%s, %s frame); %.1f img/s", scores["map"], n,
+             args.precision, p.frame, speed["images_per_s"])
     return 0
 
 

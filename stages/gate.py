@@ -3,10 +3,11 @@
     python -m stages.gate [--against REV] [--report FILE]
 
 Run from the directory of a pipeline (its dvc.yaml and params.yaml), after ``dvc repro``. The
-metrics files are the ones that dvc.yaml declares (DVC's index is asked, so no path is repeated
-here), read as the compare stage reads them; targets and knobs are params.yaml ``compare`` (see
-stages/targets.py). With ``--against REV`` it also reads the same files and params.yaml as they
-were at REV (stages/baseline.py) and fails when a target's metric got worse than its regression
+metrics files are the ones that dvc.yaml declares (``dvc metrics show --json`` is asked, so no
+path is repeated here), read as the compare stage reads them; targets and knobs are params.yaml
+``compare`` (see stages/targets.py). With ``--against REV`` it also reads the same files and
+params.yaml as they were at REV (stages/baseline.py: DVC's file system, so git-tracked and
+DVC-cached metrics alike) and fails when a target's metric got worse than its regression
 tolerance (direction as in the target: higher is better for mAP and accuracy), comparing like
 with like: a metric whose configuration differs at REV (e.g. ``convert.coco.head``) is shown
 with both values as a changed configuration, not compared. Informational targets
@@ -26,8 +27,10 @@ gate report (a file starting with REPORT_HEADING).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -42,41 +45,60 @@ from stages.targets import CHANGED, FAIL, INFO, MISSING, PASS, Row, compare, fmt
 
 log = logging.getLogger(__name__)
 
+DVC = (sys.executable, "-m", "dvc")  # the DVC of this environment, whatever PATH says
 VERDICTS = {PASS: "✅ pass", FAIL: "❌ **FAIL**", MISSING: "⚠️ **CANNOT JUDGE**",
             INFO: "ℹ️ info", CHANGED: "⚠️ **CONFIGURATION CHANGED**"}
 OUTCOMES = {0: "PASS", 1: "FAIL", 2: "CANNOT JUDGE"}
 REPORT_HEADING = "### SSD reproduction gate: "
 
 
-def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
-    """Metrics files declared in ``directory``'s dvc.yaml, by name (file stem) -> path from there.
-
-    Asks DVC's own index, so templated paths (``${vars}``) resolve exactly as ``dvc repro`` does
-    and metrics of other pipelines in the repo (e.g. demo/) are not mixed in. Only stage outputs
-    count (a top-level ``metrics:`` list is not read: the gate then fails closed, exit 2). A name
-    declared twice maps to None (ambiguous).
-    """
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    directory = Path(directory).resolve()
-    dvcfile = directory / "dvc.yaml"  # DVC's fixed file name, not a project path
-    if not dvcfile.is_file():
-        raise CannotJudge(f"no dvc.yaml in {directory}: run the gate from a pipeline's directory")
-    files: list[str] = []
+def run_dvc(*args: str) -> str:
+    """Run a DVC command here and return its stdout; any failure is CannotJudge."""
+    cmd = [*DVC, *args]
     try:
-        with Repo(os.fspath(directory)) as repo:
-            index = repo.index
-            for stage in index.stages:
-                if Path(stage.dvcfile.path).resolve() == dvcfile:
-                    files += [out.fs_path for out in stage.outs if out.metric]
-    except DvcException as exc:
-        raise CannotJudge(f"DVC cannot load the pipeline in {directory}: {exc}") from exc
-    by_name: dict[str, Any] = {}
-    for path in files:
-        rel = os.path.relpath(path, directory)
-        name = Path(rel).stem
-        by_name[name] = None if name in by_name and by_name[name] != rel else rel
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise CannotJudge(f"cannot run dvc: {exc}") from exc
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
+        raise CannotJudge(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {detail[0]}")
+    return proc.stdout
+
+
+def parse_dvc_json(text: str, what: str) -> Any:
+    """DVC's ``--json`` output (it may contain NaN/Infinity, which the checks then reject)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CannotJudge(f"{what} printed no valid JSON ({exc})") from exc
+
+
+def declared_metrics() -> dict[str, str | None]:
+    """Metrics files declared in the DVC project here, by name (file stem) -> path from here.
+
+    Asks DVC's public interface, ``dvc metrics show --json``: it lists every declared metrics
+    file of the project (stage outputs and top-level ``metrics:``, ``${vars}`` resolved as
+    ``dvc repro`` resolves them) by path, readable or not. The values are re-read by the gate
+    the way the compare stage reads them. (``dvc.api.metrics_show()`` cannot serve: it merges
+    all files into one dict, so a key found in one file only loses its file's name, and it
+    raises at the first unreadable file instead of letting each check name the missing one.)
+    Run the gate from the root of a DVC project; the demo is a project of its own (demo/.dvc),
+    so the real pipeline's metrics never mix in. A name declared twice maps to None (ambiguous:
+    the gate cannot judge, exit 2).
+    """
+    if not Path("dvc.yaml").is_file():  # DVC's fixed file name, not a project path
+        raise CannotJudge(f"no dvc.yaml in {Path.cwd()}: run the gate from a pipeline's "
+                          "directory")
+    shown = parse_dvc_json(run_dvc("metrics", "show", "--json"), "dvc metrics show")
+    if not isinstance(shown, dict):
+        raise CannotJudge(f"dvc metrics show printed {type(shown).__name__}, not an object")
+    # {"<rev>": {"data": {"<path>": {"data": {...}} or {"error": {...}}}}}: the workspace only
+    files = [path for rev in shown.values() if isinstance(rev, dict)
+             for path in (rev.get("data") or {})]
+    by_name: dict[str, str | None] = {}
+    for path in sorted(set(map(os.path.normpath, files))):
+        name = Path(path).stem
+        by_name[name] = None if name in by_name else path
     return by_name
 
 
@@ -89,7 +111,9 @@ def resolve_paths(names: Iterable[str], declared: Mapping[str, str | None]) -> d
             raise CannotJudge(f"no metrics file named {name!r} is declared in dvc.yaml "
                               f"(declared: {known})")
         if declared[name] is None:
-            raise CannotJudge(f"more than one metrics file in dvc.yaml is named {name!r}")
+            raise CannotJudge(f"more than one metrics file of this DVC project is named {name!r} "
+                              "(a nested pipeline needs a DVC project of its own: "
+                              "`dvc init --subdir` there)")
         paths[name] = declared[name]
     return paths
 

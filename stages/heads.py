@@ -6,10 +6,12 @@ detection), score, and xmin/ymin/xmax/ymax in pixels of the (data_shape x data_s
 input; rows are sorted by score and invalid rows are -1 throughout.
 
 - ``gluoncv``: GluonCV's stock SSD output (per-class decoding and NMS, set through
-  ``SSD.set_nms``). With ``prefilter_topk`` (default) the same detections are computed with the
-  ``nms_topk`` best (anchor, class) scores picked before the NMS input is built, instead of
-  materialising and sorting all N x C = 698,560 rows per image (~125 ms -> ~5 ms per image on
-  2 cores; the stock graph made the FP32 head cap INT8's end-to-end speed-up).
+  ``SSD.set_nms``). With ``prefilter_topk`` (default) the same detections (up to exact score
+  ties, see ``gluoncv_decode``) are computed with the ``nms_topk`` best (anchor, class) scores
+  picked before the NMS input is built, instead of materialising and sorting all N x C =
+  698,560 rows per image (~125 ms -> ~5 ms per image on 2 cores; the stock graph made the FP32
+  head cap INT8's end-to-end speed-up). Boxes are decoded unclipped; the evaluation clips them
+  to the input as GluonCV's does (``stages.inference.to_detections``).
 - ``seed``: the decoder of the fork behind the source document's COCO numbers: MXNet's
   ``contrib.MultiBoxDetection`` on softmax probabilities (background first), each anchor keeps its
   best foreground class, variances applied to anchors in normalised corner form, NMS over the top
@@ -127,7 +129,9 @@ def gluoncv_decode(F, cls_preds, box_preds, anchors, spec: HeadSpec,  # noqa: N8
     GluonCV builds all N x C (class, score, box) rows (scores <= 0.01 zeroed) and lets box_nms
     sort them and keep the top ``nms_topk`` before suppressing per class. The ``nms_topk`` best
     scores of the N x C matrix are the same rows, so this takes them with one topk and runs the
-    same box_nms on those alone (ties at equal scores may be ordered differently).
+    same box_nms on those alone. Exact score ties may be ordered differently (topk and
+    box_nms's sort break them their own way), so which of two tied rows is cut at nms_topk, or
+    survives a tied overlap, can differ: the same detections up to exact score ties.
     """
     boxes = F.contrib.box_decode(box_preds.reshape((0, -1, 4)), anchors, *spec.variances,
                                  clip=-1, format="center")  # (B, N, 4) corners, pixels

@@ -17,21 +17,26 @@ Typical use::
         result.seconds                     # forward + copy-out time of this batch
         for det in result.detections:      # one per image, in input order
             det.key, det.ids, det.scores, det.boxes   # valid rows only, boxes in original pixels
+            det.network_boxes, det.image_size         # the same boxes in network-input pixels
 
 Preprocessing is GluonCV's SSD validation transform (``SSDDefaultValTransform``): RGB image
 resized to data_shape x data_shape (OpenCV, interpolation picked like ``imresize(interp=9)``:
 area when shrinking both sides, cubic when enlarging both, else bilinear), scaled to 0..1,
-normalised with the model's mean/std, CHW. Batches are loaded by a background thread while the
-network computes the previous batch.
+normalised with the model's mean/std, CHW (``stages.images``: bit for bit that formula, in a few
+OpenCV passes). Batches are loaded by low-priority threads while the network computes, and by the
+caller when it has to wait for one (``stages.images.BatchLoader``).
+
+Boxes are clipped to the network input, [0, data_shape], before they are rescaled to the image,
+as GluonCV's ``eval_ssd.py`` and ``train_ssd.py`` (and the seed's fork) clip them
+(``bboxes.clip(0, data_shape)``): GluonCV's stock head decodes without clipping, so a box
+reaching past the image border would otherwise be scored with a lower IoU.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,12 +46,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stages.common import StageError
+# the loading API, also imported from here by callers
+from stages.images import (Batch, BatchLoader, ImageItem, Preprocessor, chunks,  # noqa: F401
+                           read_bgr, resize_interpolation)
 
 log = logging.getLogger(__name__)
 
 
 def configure_threads(threads: int) -> int:
-    """Use ``threads`` OpenMP threads (0 = all cores) for MXNet; returns the number set.
+    """Use ``threads`` OpenMP threads (0 = all cores) for MXNet, one for OpenCV; returns n.
 
     Effective for the whole run only if called before MXNet is imported (OpenMP reads
     OMP_NUM_THREADS once); later it falls back to ``MXSetNumOMPThreads`` and says so.
@@ -55,6 +63,11 @@ def configure_threads(threads: int) -> int:
     os.environ["OMP_NUM_THREADS"] = str(n)
     # one engine worker: ops run one after the other, each using all n OpenMP threads
     os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
+    # OpenCV's own thread pool would compete with those OpenMP threads: image work runs in the
+    # loader threads of stages.images instead, one image per thread
+    import cv2
+
+    cv2.setNumThreads(1)
     if "mxnet" in sys.modules:
         import ctypes
 
@@ -123,115 +136,35 @@ def load_detector(prefix: str | Path, ctx=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Images
-
-@dataclass(frozen=True)
-class ImageItem:
-    """An image to detect on: a key the caller understands (e.g. a COCO image id) and its file."""
-
-    key: object
-    path: Path
-
+# Images (the loading itself lives in stages/images.py)
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB."""
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise StageError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def resize_interpolation(src_hw: tuple[int, int], size: int) -> int:
-    """OpenCV interpolation GluonCV's ``imresize(..., interp=9)`` picks for this resize."""
-    import cv2
-
-    h, w = src_hw
-    if size > h and size > w:
-        return cv2.INTER_CUBIC
-    if size < h and size < w:
-        return cv2.INTER_AREA
-    return cv2.INTER_LINEAR
+    return np.ascontiguousarray(read_bgr(path)[:, :, ::-1])
 
 
 def preprocess(image: np.ndarray, data_shape: int, mean: Sequence[float],
                std: Sequence[float]) -> np.ndarray:
     """GluonCV SSD validation transform of an RGB uint8 image → (3, S, S) float32."""
-    import cv2
-
-    resized = cv2.resize(image, (data_shape, data_shape),
-                         interpolation=resize_interpolation(image.shape[:2], data_shape))
-    x = resized.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-@dataclass
-class Batch:
-    """Preprocessed images of one batch with their keys and original (height, width)."""
-
-    keys: list
-    sizes: list[tuple[int, int]]
-    data: np.ndarray  # (B, 3, S, S) float32
+    out = np.empty((3, data_shape, data_shape), np.float32)
+    Preprocessor(data_shape, mean, std)(image, out, bgr=False)
+    return out
 
 
 def load_batch(items: Sequence[ImageItem], data_shape: int, mean, std) -> Batch:
-    """Read and preprocess ``items`` into one Batch."""
-    keys, sizes, arrays = [], [], []
-    for item in items:
-        image = read_image(item.path)
-        keys.append(item.key)
-        sizes.append(image.shape[:2])
-        arrays.append(preprocess(image, data_shape, mean, std))
-    return Batch(keys, sizes, np.stack(arrays))
-
-
-def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    """Consecutive slices of ``items`` of length ``size`` (the last may be shorter)."""
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+    """Read and preprocess ``items`` into one Batch (in the caller's thread)."""
+    return next(iter(BatchLoader(items, Preprocessor(data_shape, mean, std), max(len(items), 1),
+                                 workers=0)))
 
 
 def iter_batches(items: Sequence[ImageItem], data_shape: int, mean, std, batch_size: int,
-                 prefetch: int = 2) -> Iterator[Batch]:
-    """Batches of ``items`` in order, loaded ``prefetch`` batches ahead by a background thread.
-
-    OpenCV and numpy release the GIL, so loading overlaps the network's compute. With
-    ``prefetch=0`` batches are loaded in the caller's thread.
-    """
-    groups = list(chunks(items, batch_size))
-    if prefetch <= 0:
-        for group in groups:
-            yield load_batch(group, data_shape, mean, std)
-        return
-    slots: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for group in groups:
-                if stop.is_set():
-                    return
-                slots.put(load_batch(group, data_shape, mean, std))
-        except BaseException as exc:  # handed to the consumer, raised there
-            slots.put(exc)
-
-    worker = threading.Thread(target=produce, name="batch-loader", daemon=True)
-    worker.start()
-    try:
-        for _ in groups:
-            batch = slots.get()
-            if isinstance(batch, BaseException):
-                raise batch
-            yield batch
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                worker.join(timeout=0.05)
+                 prefetch: int = 2, workers: int = 1) -> Iterator[Batch]:
+    """Batches of ``items`` in order; ``workers`` low-priority threads load images up to
+    ``prefetch`` batches ahead while the caller computes (``stages.images.BatchLoader``).
+    ``prefetch=0``: the threads only help load the batch the caller is waiting for;
+    ``workers=0``: everything is loaded in the caller's thread."""
+    return iter(BatchLoader(items, Preprocessor(data_shape, mean, std), batch_size,
+                            workers=workers, ahead=prefetch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +172,19 @@ def iter_batches(items: Sequence[ImageItem], data_shape: int, mean, std, batch_s
 
 @dataclass
 class Detections:
-    """Valid detections of one image: class indices, scores, xyxy boxes in original pixels."""
+    """Valid detections of one image: class indices, scores, xyxy boxes in original pixels.
+
+    ``network_boxes`` are the same boxes in the (data_shape x data_shape) network-input frame
+    (clipped to it; ``boxes`` is them rescaled), ``image_size`` the image's (height, width) as
+    decoded: the frame GluonCV's VOC evaluation scores in (``stages.voc``).
+    """
 
     key: object
     ids: np.ndarray  # (k,) int64
     scores: np.ndarray  # (k,) float32
     boxes: np.ndarray  # (k, 4) float32
+    network_boxes: np.ndarray | None = None  # (k, 4) float32, in [0, data_shape]
+    image_size: tuple[int, int] | None = None  # (height, width)
 
 
 @dataclass
@@ -255,33 +195,53 @@ class BatchResult:
     seconds: float
 
 
-def run_network(net, data: np.ndarray):
-    """Forward one batch; returns (ids, scores, bboxes) as numpy arrays."""
+def run_network(net, data: np.ndarray, inputs: dict | None = None):
+    """Forward one batch; returns (ids, scores, bboxes) as numpy arrays.
+
+    ``inputs`` (a dict the caller keeps between calls) holds one input NDArray per batch shape,
+    refilled in place instead of allocating one per batch.
+    """
     import mxnet as mx
 
-    ids, scores, bboxes = net(mx.nd.array(data, ctx=mx.cpu()))
+    if inputs is None:
+        x = mx.nd.array(data, ctx=mx.cpu())
+    else:
+        x = inputs.get(data.shape)
+        if x is None:
+            x = inputs[data.shape] = mx.nd.empty(data.shape, ctx=mx.cpu())
+        x[:] = data  # a synchronous copy: ``data`` may be reused once this returns
+    ids, scores, bboxes = net(x)
     return ids.asnumpy(), scores.asnumpy(), bboxes.asnumpy()
 
 
 def to_detections(key, ids: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
                   size: tuple[int, int], data_shape: int) -> Detections:
-    """One image's raw rows → valid rows with boxes rescaled to the original (height, width)."""
+    """One image's raw rows → valid rows, boxes clipped to the network input [0, data_shape]
+    (as GluonCV's evaluation clips them) and rescaled to the original (height, width)."""
     keep = ids.reshape(-1) >= 0
     h, w = size
     scale = np.array([w, h, w, h], np.float32) / np.float32(data_shape)
+    clipped = np.clip(boxes.reshape(-1, 4)[keep].astype(np.float32), 0, np.float32(data_shape))
     return Detections(key, ids.reshape(-1)[keep].astype(np.int64),
-                      scores.reshape(-1)[keep].astype(np.float32),
-                      boxes.reshape(-1, 4)[keep].astype(np.float32) * scale)
+                      scores.reshape(-1)[keep].astype(np.float32), clipped * scale, clipped,
+                      (int(h), int(w)))
 
 
 def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
-                   prefetch: int = 2) -> Iterator[BatchResult]:
-    """Detect on ``items`` batch by batch, images loaded ``prefetch`` batches ahead by a thread
-    (0: in the caller's thread). Yields one BatchResult per batch, in order."""
+                   prefetch: int = 2, workers: int = 1) -> Iterator[BatchResult]:
+    """Detect on ``items`` batch by batch; yields one BatchResult per batch, in order.
+
+    ``net`` is any block mapping a (B, 3, S, S) batch to (ids, scores, bboxes): a loaded
+    symbolic detector or a Gluon network. Images are loaded by ``workers`` low-priority threads
+    up to ``prefetch`` batches ahead, and by this thread when it would otherwise wait
+    (``iter_batches``).
+    """
     size = int(meta["data_shape"])
-    for batch in iter_batches(items, size, meta["mean"], meta["std"], batch_size, prefetch):
+    inputs: dict = {}
+    for batch in iter_batches(items, size, meta["mean"], meta["std"], batch_size, prefetch,
+                              workers):
         start = time.perf_counter()
-        ids, scores, boxes = run_network(net, batch.data)
+        ids, scores, boxes = run_network(net, batch.data, inputs)
         seconds = time.perf_counter() - start
         dets = [to_detections(k, ids[i], scores[i], boxes[i], batch.sizes[i], size)
                 for i, k in enumerate(batch.keys)]

@@ -18,14 +18,19 @@ of each batch — so an epoch does not depend on the RNG history before it. A ch
 optimizer state, per-epoch history) is written every ``checkpoint_interval`` epochs; a rerun
 with the same params and data resumes from the latest one and ends with the same weights and
 metrics as an uninterrupted run. Checkpoints of other params/data are ignored (and replaced)
-(``stages/checkpoints.py``).
+(``stages/checkpoints.py``). That identity is tested on CPU (same machine, same thread count).
+On GPU, cuDNN's autotuning and non-deterministic kernels make runs differ unless
+``deterministic`` is true: it sets MXNet's determinism controls (``training.DETERMINISM_ENV``)
+for this process before MXNet is imported, and so for its DataLoader workers (untested here:
+no GPU).
 
-Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance);
-``--metrics``: ``acc`` (anchor accuracy averaged over all training anchors, see
-``training.summarize``), ``loss`` (last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept
-apart so identical reruns give byte-identical accuracy files); ``--live``: dvclive curves of
-accuracy figures only, no speed (rebuilt from the checkpoint history on resume, so they too
-match an uninterrupted run byte for byte).
+Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance
+with the determinism controls in effect and the pretrained base's sha1); ``--metrics``: ``acc``
+(anchor accuracy averaged over all training anchors, see ``training.summarize``), ``loss``
+(last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept apart so identical reruns give
+byte-identical accuracy files); ``--live``: dvclive curves of accuracy figures only, no speed
+(rebuilt from the checkpoint history on resume, so they too match an uninterrupted run byte for
+byte).
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from stages.inference import configure_threads
 from stages.live import is_live_entry, live_logger, open_live, remove_live
 from stages.models import build_detector, check_input_size
 from stages.outputs import check_outputs, claim_dir
-from stages.training import contexts, fit, summarize
+from stages.training import apply_determinism, contexts, fit, summarize
 from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,9 @@ class TrainParams(Section):
     # OpenMP threads on CPU (0 = all cores). CPU results depend on it (float reductions are
     # split by thread), so a reproducible CPU run pins it.
     threads: int = Field(default=0, ge=0)
+    # MXNet's determinism controls for the training process and its workers (GPU: only
+    # deterministic cuDNN algorithms, no autotuning); see training.apply_determinism
+    deterministic: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
@@ -128,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     claim_dir(args.checkpoints, "--checkpoints", is_checkpoint_entry)
     claim_dir(args.live, "--live", is_live_entry)
     configure_threads(p.threads)  # before MXNet is imported: OpenMP reads it once
+    determinism = apply_determinism(p.deterministic)  # likewise, and workers inherit it
     seed_everything(p.seed)
     classes = tuple(p.classes or VOC_CLASSES)
     ctx = contexts(p.devices)
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             "network": p.network, "classes": list(classes), "data_shape": p.data_shape,
             "provenance": {"params": {f"train.{args.branch}": p.model_dump()},
                            "images": len(ids), "fingerprint": digest, **base,
+                           "determinism": {"deterministic": p.deterministic,
+                                           "environment": determinism},
                            # accuracy only: the file must not change between identical reruns
                            "metrics": round_floats({k: metrics[k] for k in ("acc", "loss")}),
                            "libraries": library_versions()},

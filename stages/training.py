@@ -7,15 +7,20 @@ the latest valid checkpoint), validates every ``val_interval`` epochs and hands 
 record to a callback (the train stage logs it with dvclive).
 
 Validation is the evaluation's own path: ``stages.voc.detect_voc`` (shared inference: GluonCV's
-SSD validation preprocessing, boxes in the original image frame, clipped to the image) on the
-Gluon SSD in inference mode, scored by ``stages.voc.score_voc07``.
+SSD validation preprocessing, boxes clipped to the network input) on the Gluon SSD in inference
+mode, scored by ``stages.voc.score_voc07`` in the network frame (``VAL_FRAME``), as GluonCV's
+``train_ssd.py`` validates — the evaluate stage's default frame too, so the last validation mAP
+is the FP32 evaluation's (up to the exported head's exact score ties).
 
-MXNet is imported inside the functions: the train stage sets its thread count first.
+MXNet is imported inside the functions: the train stage sets its thread count and determinism
+controls (``apply_determinism``) first.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -24,12 +29,18 @@ from stages.checkpoints import find_checkpoint, save_checkpoint
 from stages.common import StageError
 from stages.models import GLUONCV_MEAN, GLUONCV_STD
 from stages.train_data import Loading, TrainData
-from stages.voc import as_triples, detect_voc, labels, score_voc07
+from stages.voc import detect_voc, in_frame, labels, score_voc07
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_MINING_RATIO = 3.0  # GluonCV's SSDMultiBoxLoss default, used by its recipe
 NMS_THRESH, NMS_TOPK = 0.45, 400  # GluonCV's train_ssd.py validation settings
+VAL_FRAME = "network"  # GluonCV's train_ssd.py scores in the data_shape input (stages.voc)
+
+# MXNet's determinism controls (params train.<branch>.deterministic): only deterministic
+# algorithms (cuDNN convolutions included; MXNet errors out where none exists), and cuDNN's
+# autotuning (which times candidate algorithms and may pick another one per run) off.
+DETERMINISM_ENV = {"MXNET_ENFORCE_DETERMINISM": "1", "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}
 
 
 class Recipe(Loading, Protocol):
@@ -46,6 +57,27 @@ class Recipe(Loading, Protocol):
     checkpoint_interval: int
     val_interval: int  # 0 = no validation
     val_max_images: int  # 0 = the whole validation split
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism controls
+
+def apply_determinism(deterministic: bool, environ=None) -> dict[str, str | None]:
+    """Set MXNet's determinism controls in ``environ`` (default: this process's environment)
+    when ``deterministic``; returns the values the controls have there (None = unset, MXNet's
+    default), for provenance.
+
+    MXNet reads them from the environment of the process that runs the operators, so call it
+    before MXNet is imported (DataLoader workers inherit the environment), or on the environment
+    a launched training process is given. Off, nothing is changed.
+    """
+    env = os.environ if environ is None else environ
+    if deterministic:
+        if environ is None and "mxnet" in sys.modules:
+            log.warning("MXNet was imported before its determinism controls were set; "
+                        "those it reads at import may not apply")
+        env.update(DETERMINISM_ENV)
+    return {key: env.get(key) for key in DETERMINISM_ENV}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +228,8 @@ def validate(net, dataset, p: Recipe, classes: Sequence[str], ctx: list) -> floa
     """VOC07 mAP (percent) of ``net`` on the first ``val_max_images`` images (0 = all).
 
     The evaluate stage's path (``detect_voc`` + ``score_voc07``) on the Gluon SSD in inference
-    mode with GluonCV's train_ssd.py NMS settings, preprocessed with the normalisation the
-    network is trained with.
+    mode with GluonCV's train_ssd.py NMS settings and scoring frame (``VAL_FRAME``),
+    preprocessed with the normalisation the network is trained with.
     """
     n = len(dataset) if not p.val_max_images else min(p.val_max_images, len(dataset))
     net.set_nms(nms_thresh=NMS_THRESH, nms_topk=NMS_TOPK)
@@ -205,7 +237,8 @@ def validate(net, dataset, p: Recipe, classes: Sequence[str], ctx: list) -> floa
     meta = {"data_shape": p.data_shape, "mean": GLUONCV_MEAN, "std": GLUONCV_STD}
     detections, _, _ = detect_voc(on_devices(net, ctx), meta, dataset, n, p.batch_size,
                                   desc="validate")
-    return score_voc07(as_triples(detections), labels(dataset)[:n], classes)["map"]
+    return score_voc07(*in_frame(detections, labels(dataset)[:n], VAL_FRAME, p.data_shape),
+                       classes)["map"]
 
 
 # ---------------------------------------------------------------------------------------------

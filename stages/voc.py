@@ -3,16 +3,20 @@
 - ``load_voc``: GluonCV's ``VOCDetection`` over a VOCdevkit root, for any list of class names
   (the 20 VOC classes by default; the demo passes its own).
 - ``detect_voc``: a detector's detections on the first n images of such a dataset, through the
-  shared inference path (``stages/inference.py``), in the original image frame, clipped to
-  each image as GluonCV's eval_ssd.py clips them. The evaluate_voc stage and the train stage's
-  validation both call it.
+  shared inference path (``stages/inference.py``: boxes clipped to the network input as
+  GluonCV's eval_ssd.py clips them). The evaluate_voc stage and the train stage's validation
+  both call it.
+- ``in_frame``: detections and ground truth in the frame they are scored in (``Frame``):
+  ``network``, the data_shape x data_shape input with the ground truth resized alongside the
+  image (where GluonCV's eval_ssd.py and train_ssd.py score, and the model zoo's VOC07 mAP was
+  measured), or ``original``, the image's own pixels. VOC07 adds 1 pixel to x2 and y2 before
+  the IoU, so the two frames give different mAPs (see ``in_frame``).
 - ``score_voc07``: VOC07 11-point mAP with difficult objects ignored, through GluonCV's
   ``VOC07MApMetric``, plus per-class AP and a mean precision-recall curve, in percent.
 - ``detections_records`` / ``per_class_rows`` / ``pr_rows``: the rows of the eval dir's files.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
@@ -31,6 +35,9 @@ Split = Annotated[tuple[Annotated[int, Field(ge=2000, le=2100)],
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
+
+# Frames VOC07 mAP can be scored in (params evaluate.<branch>.frame; see in_frame).
+Frame = Literal["network", "original"]
 
 # Recall grid of the mean precision-recall curve (the same 101 points pycocotools uses).
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
@@ -71,11 +78,6 @@ def image_paths(dataset) -> list[str]:
             for item in dataset._items]  # pylint: disable=protected-access
 
 
-def image_sizes(dataset) -> list[tuple[float, float]]:
-    """(width, height) of every image from its annotation, in dataset order."""
-    return [dataset._im_shapes[i] for i in range(len(dataset))]  # pylint: disable=protected-access
-
-
 def labels(dataset) -> list[np.ndarray]:
     """Every image's (k, 6) label array, in dataset order (empty images give shape (0, 6))."""
     return [np.asarray(lab, dtype=np.float32).reshape(-1, 6)
@@ -91,27 +93,49 @@ def image_items(dataset, n: int) -> list[ImageItem]:
                                                          image_paths(dataset)[:n])]
 
 
-def clip_to_images(detections: Sequence[Detections], sizes: Sequence[tuple[float, float]]
-                   ) -> list[Detections]:
-    """Boxes clipped to their image (width, height), as GluonCV's eval_ssd.py clips them."""
-    out = []
-    for det, (w, h) in zip(detections, sizes):
-        boxes = np.asarray(det.boxes, np.float32).reshape(-1, 4)
-        limit = np.array([w, h, w, h], np.float32)
-        out.append(replace(det, boxes=np.clip(boxes, 0, limit)))
-    return out
-
-
 def detect_voc(net, meta: dict, dataset, n: int, batch_size: int, desc: str = "detect"
                ) -> tuple[list[Detections], list[float], float]:
-    """Detections of ``net`` on the first ``n`` images of ``dataset``, boxes clipped to each
-    image, with per-batch compute seconds and wall seconds (``inference.detect_all``)."""
-    detections, seconds, wall = detect_all(net, image_items(dataset, n), meta, batch_size, desc)
-    return clip_to_images(detections, image_sizes(dataset)[:n]), seconds, wall
+    """Detections of ``net`` on the first ``n`` images of ``dataset`` (boxes clipped to the
+    network input, in both frames), with per-batch compute seconds and wall seconds
+    (``inference.detect_all``)."""
+    return detect_all(net, image_items(dataset, n), meta, batch_size, desc)
+
+
+def in_frame(detections: Sequence[Detections], ground_truth: Sequence[np.ndarray],
+             frame: str, data_shape: int) -> tuple[list[tuple], list[np.ndarray]]:
+    """Per image ``(boxes, ids, scores)`` and ground-truth labels, both in ``frame``.
+
+    ``network``: the detector's boxes in its data_shape x data_shape input (clipped to it) and
+    the ground truth resized with the image, exactly as GluonCV's ``SSDDefaultValTransform``
+    resizes it (float64 scale data_shape / side, then float32), i.e. what GluonCV's
+    ``eval_ssd.py`` and ``train_ssd.py`` feed ``VOC07MApMetric``. ``original``: the boxes
+    rescaled to the image and the ground truth as annotated. VOC07 treats boxes as integer pixel
+    ranges and adds 1 to x2 and y2 before the IoU; that pixel weighs more in the smaller frame,
+    which pulls IoUs towards 1: an image shrunk to the input typically scores higher IoUs in the
+    network frame, an enlarged one lower.
+    """
+    if len(detections) != len(ground_truth):
+        raise ValueError(f"{len(detections)} detection sets for {len(ground_truth)} images")
+    if frame == "original":
+        return as_triples(detections), [np.asarray(g, np.float32) for g in ground_truth]
+    if frame != "network":
+        raise ValueError(f"unknown frame {frame!r}; allowed: network, original")
+    triples, truth = [], []
+    for det, gt in zip(detections, ground_truth):
+        if det.network_boxes is None or det.image_size is None:
+            raise ValueError(f"detections of {det.key!r} carry no network-frame boxes")
+        height, width = det.image_size
+        gt = np.array(gt, np.float32).reshape(-1, 6)
+        scale = np.array([data_shape / width, data_shape / height] * 2, np.float64)
+        gt[:, :4] = (gt[:, :4].astype(np.float64) * scale).astype(np.float32)
+        triples.append((det.network_boxes, det.ids, det.scores))
+        truth.append(gt)
+    return triples, truth
 
 
 def as_triples(detections: Sequence[Detections]) -> list[tuple]:
-    """Per image ``(boxes, class ids, scores)``: the form ``score_voc07`` and the records take."""
+    """Per image ``(boxes, class ids, scores)`` in original pixels: the form ``score_voc07`` and
+    the records take."""
     return [(d.boxes, d.ids, d.scores) for d in detections]
 
 

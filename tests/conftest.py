@@ -22,6 +22,28 @@ def _quiet_tools_env():
     yield
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One real run of the offline demo, shared by every test that needs its outputs (it takes
+    minutes): a fresh copy of this checkout, `dvc repro` in demo/, the results committed.
+
+    Returns the copy's root (demo/ is the pipeline). Treat it as read-only: a test that changes
+    anything works on its own copy (``tests.demo_run.clone_run``).
+    """
+    from tests.demo_run import copy_checkout, dvc, git
+
+    root = tmp_path_factory.mktemp("demo_run") / "repo"
+    root.mkdir()
+    copy_checkout(REPO_ROOT, root)
+    repro = dvc("repro", cwd=root / "demo")
+    if repro.returncode != 0:
+        pytest.fail(f"dvc repro of the demo failed (exit {repro.returncode}):\n"
+                    f"{repro.stdout[-3000:]}\n{repro.stderr[-3000:]}")
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "demo results", cwd=root)
+    return root
+
+
 @pytest.fixture
 def repo_root() -> Path:
     """The project checkout the tests run from."""

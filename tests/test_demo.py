@@ -1,65 +1,54 @@
 """The offline demo, end to end, as a user runs it: a fresh copy of this checkout, git + DVC,
-``dvc repro`` in demo/, the gate, then a changed param that shows up in ``dvc metrics diff``.
+``dvc repro`` in demo/ (the session's shared run, tests/conftest.py ``demo_run``), the gate, then
+an experiment, ``dvc metrics diff`` and ``dvc plots diff`` against a revision.
 
 This is the project's end-to-end test: every stage runs for real (generate, download from local
 paths with checksums, unpack, train, convert with both heads, quantize, evaluate COCO and VOC in
-FP32 and INT8, compare). It takes a few minutes on 2 cores.
+FP32 and INT8, compare). The run takes a few minutes on 2 cores.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from tests.demo_run import clone_run, dvc, git, run
+from tests.reportcheck import check_report
+
 CLASSES = ["rectangle", "ellipse", "triangle", "cross"]
-
-
-def copy_checkout(src: Path, dest: Path) -> None:
-    """Copy what git tracks or would track (not ignored) from ``src``, then git init + commit.
-
-    That is a fresh clone plus the working tree: no venv, no DVC cache, no pipeline outputs.
-    """
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], cwd=src, check=True,
-                             capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listing):
-        if (src / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True)
-
-
-def run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``cmd`` with this interpreter's bin dir first on PATH (the stages call `python`)."""
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent),
-                                                 os.environ.get("PATH", "")]))
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")  # shown by pytest on failure
-    return proc
-
-
-def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_demo_end_to_end_gate_and_metrics_diff(tmp_path, repo_root):
-    copy_checkout(repo_root, tmp_path)
-    demo = tmp_path / "demo"
+def check_scorers_agree(demo: Path) -> None:
+    """The demo scores COCO with faster-coco-eval (params evaluate.coco.scorer); pycocotools,
+    the reference, must give the same summary stats on the demo's own detections, to the last
+    bit, and so byte-identical metrics."""
+    from stages.coco_eval import load_coco, metrics_from
+    from stages.coco_scoring import score_bbox
 
-    repro = dvc("repro", cwd=demo)
-    assert repro.returncode == 0, "dvc repro of the demo failed"
+    assert yaml.safe_load((demo / "params.yaml").read_text())["evaluate"]["coco"]["scorer"] == \
+        "faster-coco-eval"
+    coco = load_coco(demo / "data" / "coco" / "annotations" / "instances_val2017.json")
+    for p in ("fp32", "int8"):
+        eval_dir = demo / "eval" / f"coco_{p}"
+        assert load(eval_dir / "provenance.json")["scorer"]["name"] == "faster-coco-eval"
+        results = json.loads((eval_dir / "detections.json").read_text())
+        ids = sorted(coco.getImgIds())
+        ref = score_bbox(coco, results, ids, "pycocotools")
+        fast = score_bbox(coco, results, ids, "faster-coco-eval")
+        assert ref.stats.tolist() == fast.stats.tolist()
+        assert metrics_from(ref, len(ids)) == load(demo / "metrics" / f"coco_{p}.json")
+
+
+def test_demo_run_metrics_outputs_and_gate(demo_run):
+    demo = demo_run / "demo"
     metrics = demo / "metrics"
     voc = {p: load(metrics / f"voc_{p}.json") for p in ("fp32", "int8")}
     coco = {p: load(metrics / f"coco_{p}.json") for p in ("fp32", "int8")}
@@ -78,24 +67,104 @@ def test_demo_end_to_end_gate_and_metrics_diff(tmp_path, repo_root):
     assert (demo / "dvclive" / "train_voc" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     heads = {b: load(demo / "model" / b / "fp32-meta.json")["head"] for b in ("coco", "voc")}
     assert heads == {"coco": "seed", "voc": "gluoncv"}
+    # the verdict chart's data: one record per check, the same checks as compare.json
+    rows = load(metrics / "compare_rows.json")
+    compared = load(metrics / "compare.json")
+    assert {r["check"] for r in rows} == {k.rsplit(".", 1)[0] for k in compared}
+    assert all(r["status"] == compared[f"{r['check']}.status"] for r in rows)
+
+    check_scorers_agree(demo)
 
     gate = run([sys.executable, "-m", "stages.gate"], demo)
     assert gate.returncode == 0 and "PASS" in gate.stdout
 
+
+def test_demo_is_a_dvc_project_of_its_own(demo_run, tmp_path):
+    """From demo/, DVC and its public API see only the demo; from the root, only the real
+    pipeline (whose outputs do not exist here)."""
+    demo = demo_run / "demo"
+    stages = dvc("stage", "list", "--name-only", cwd=demo)
+    assert stages.returncode == 0
+    names = set(stages.stdout.split())
+    assert {"generate", "train", "compare"} <= names and "download@coco" in names
+    root_stages = dvc("stage", "list", "--name-only", cwd=demo_run)
+    assert "generate" not in root_stages.stdout.split()  # the demo's stage, not the root's
+    assert "train" in root_stages.stdout.split()
+
+    for command in (["metrics", "show"], ["params", "diff", "HEAD"],
+                    ["plots", "show", "--json", "-o", str(tmp_path / "plots")]):
+        proc = dvc(*command, cwd=demo)
+        assert proc.returncode == 0, command
+        assert "failed to load" not in proc.stdout + proc.stderr, command
+        assert "../" not in proc.stdout, command  # nothing of the parent project
+    api = run([sys.executable, "-c",
+               "import dvc.api, json; print(json.dumps(dvc.api.metrics_show()))"], demo)
+    assert api.returncode == 0, api.stderr
+    assert json.loads(api.stdout)["metrics/voc_fp32.json:map"] == load(
+        demo / "metrics" / "voc_fp32.json")["map"]
+
+
+def test_demo_report_renders_offline_in_a_browser(demo_run, tmp_path):
+    """`dvc plots show` of the demo: every chart renders in Chromium with no network, the
+    verdict comes first and says PASS, the samples pair FP32 and INT8 of each image."""
+    state = check_report(demo_run / "demo", ["show"], tmp_path)
+    print("screenshot:", tmp_path / "screenshot.png")
+    assert "cdn.jsdelivr" not in state["html"].read_text()  # DVC's CDN <script> tags left out
+    verdict = next(c for c in state["charts"] if c["id"] == "verdict")
+    assert verdict["section"] == "section-verdict"
+    assert "PASS  —  7 of 7 checks pass" in verdict["text"]
+    assert state["sections"] == ["section-verdict", "section-precisions", "section-training",
+                                 "section-samples"]
+    fp32 = [i for i in state["images"] if "_fp32_" in i["src"]]
+    int8 = [i for i in state["images"] if "_int8_" in i["src"]]
+    assert len(fp32) == len(int8) == 16  # 8 samples per branch, both branches
+    # side by side: each FP32 image is followed by the INT8 image of the same file
+    order = [i["src"] for i in state["images"]]
+    for shot in fp32:
+        twin = shot["src"].replace("_fp32_", "_int8_")
+        assert order.index(twin) == order.index(shot["src"]) + 1, shot["src"]
+
+
+def test_demo_report_fails_when_charts_cannot_load_their_libraries(demo_run, tmp_path):
+    """The browser check is not vacuous: with DVC's default page (libraries from a CDN) or a
+    page without the libraries, no chart renders offline, and the check fails on that."""
+    from dvc_render.html import PAGE_HTML
+
+    for name, page in (("cdn", PAGE_HTML), ("no_libraries", PAGE_HTML.replace("{scripts}", ""))):
+        template = tmp_path / f"{name}.html"
+        template.write_text(page)
+        with pytest.raises(AssertionError, match="0 vega views, expected 1"):
+            check_report(demo_run / "demo", ["show", "--html-template", str(template)],
+                         tmp_path / name)
+
+
+def test_demo_experiments_and_diffs_against_a_revision(demo_run, tmp_path):
+    """In the demo's own DVC project: `dvc exp run -S`, `dvc metrics diff REV`, and `dvc plots
+    diff REV` rendered offline in Chromium. (Queued experiments in a sub-project:
+    tests/test_subproject.py; a queued demo experiment works too, but retrains, see README.)"""
+    root = clone_run(demo_run, tmp_path / "repo")
+    demo = root / "demo"
+    coco_int8 = load(demo / "metrics" / "coco_int8.json")
+
     # A changed quantization param: only the COCO INT8 branch reruns, and the diff shows it.
-    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "demo results"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True)
     exp = dvc("exp", "run", "-S", "quantize.coco.calib_images=32", cwd=demo)
     assert exp.returncode == 0
     assert "Running stage 'quantize_coco'" in exp.stdout
     assert "Running stage 'train'" not in exp.stdout
     diff = dvc("metrics", "diff", "--json", "--targets", "metrics/coco_int8.json",
-               "metrics/voc_fp32.json", cwd=demo)
+               "metrics/voc_fp32.json", "--", "HEAD", cwd=demo)
     assert diff.returncode == 0
     changes = json.loads(diff.stdout)
     change = changes["metrics/coco_int8.json"]["map"]
-    assert change["old"] == coco["int8"]["map"] and change["new"] != change["old"]
+    assert change["old"] == coco_int8["map"] and change["new"] != change["old"]
     assert "metrics/voc_fp32.json" not in changes  # untouched branch: no change reported
+
+    # The report against HEAD: both revisions in every chart, offline.
+    state = check_report(demo, ["diff", "HEAD"], tmp_path / "diff")
+    print("screenshot:", tmp_path / "diff" / "screenshot.png")
+    verdict = next(c for c in state["charts"] if c["id"] == "verdict")
+    assert "HEAD:" in verdict["text"] and "workspace:" in verdict["text"]
+    assert len(state["images"]) == 2 * 32  # every sample image at both revisions
 
     # The gate is not vacuous: a target the demo cannot meet fails it (exit 1).
     params_file = demo / "params.yaml"

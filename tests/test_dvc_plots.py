@@ -6,6 +6,7 @@ with x/y gets dvclive-like TSV files, a directory plot without them gets a few P
 """
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ def test_declared_plots_render(repo_root, tmp_path):
     sh(root, DVC, "init", "-q")
     for name in ("dvc.yaml", "params.yaml"):
         (root / name).write_text((repo_root / name).read_text())
+    shutil.copytree(repo_root / ".dvc" / "plots", root / ".dvc" / "plots")  # custom templates
     definitions = declared_plots(root)
     ids = make_fake_files(root, definitions)
     sources = {next(iter(d)): len(next(iter(d.values())).get("y", {}) or {}) for d in definitions
@@ -132,6 +134,12 @@ def test_declared_plots_render(repo_root, tmp_path):
     out = tmp_path / "html"
     sh(root, DVC, "plots", "show", "--out", str(out))
     assert "coco_per_class_ap" in (out / "index.html").read_text()
+
+    # and the real pipeline's report page renders every one of them offline in Chromium
+    from tests.reportcheck import check_report
+
+    page = repo_root / "report" / "plots.html"
+    check_report(root, ["show", "--html-template", str(page)], tmp_path / "page")
 
 
 @pytest.mark.parametrize("definitions, expect", [

@@ -99,3 +99,27 @@ def test_image_items_in_id_order_and_missing_files_refused(tmp_path):
     items[0].path.unlink()
     with pytest.raises(StageError, match="1 image file\\(s\\) of the annotations missing"):
         ev.image_items(coco, images, 0)
+
+
+def test_a_detection_past_the_image_border_is_scored_clipped(tmp_path):
+    """GluonCV's stock head decodes without clipping; its evaluation clips to the network input
+    before rescaling. Unclipped, this box (IoU 0.76 with the object at the border) would miss
+    the IoU thresholds above 0.75 and score AP 60 instead of 100."""
+    import json
+
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": 1, "width": 600, "height": 400, "file_name": "1.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 300, 200],
+                         "area": 60000, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    coco = ev.load_coco(annotations)
+    # network frame (300 x 300): reaches 30 px left of and 15 px above the input
+    raw = np.array([[-30, -15, 149.5, 149.25]], np.float32)
+    det = to_detections(1, np.zeros(1, np.float32), np.ones(1, np.float32), raw, (400, 600), 300)
+    results = ev.to_coco_results([det], [1], 0.05, True)
+    assert results[0]["bbox"] == [0.0, 0.0, 300.0, 200.0]
+    assert ev.metrics_from(ev.score_detections(coco, results, [1]), 1)["map"] == 100.0
+    # the same box unclipped (raw x 2 and x 4/3, +1 width) passes only the thresholds <= 0.75
+    unclipped = [dict(results[0], bbox=[-60.0, -20.0, 360.0, 220.0])]
+    assert ev.metrics_from(ev.score_detections(coco, unclipped, [1]), 1)["map"] == 60.0

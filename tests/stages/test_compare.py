@@ -31,7 +31,8 @@ def test_stage_reports_a_miss_and_exits_zero(tmp_path):
     (tmp_path / "train_voc.json").write_text('{"acc": 0.61}')
     out = tmp_path / "out" / "compare.json"
     files = ["coco_fp32.json", "coco_int8.json", "voc_fp32.json", "train_voc.json"]
-    proc = run_compare(tmp_path, "--metrics", *files, "--out", str(out))
+    rows = tmp_path / "out" / "compare_rows.json"
+    proc = run_compare(tmp_path, "--metrics", *files, "--out", str(out), "--rows", str(rows))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["coco_fp32.map.status"] == "fail" and result["coco_fp32.map.target"] == 24.059
@@ -41,21 +42,30 @@ def test_stage_reports_a_miss_and_exits_zero(tmp_path):
     assert (result["train_voc.acc.status"], result["train_voc.acc.delta"]) == ("info", -0.1735)
     assert "cannot read voc_fp32.json" in proc.stderr
     assert "1 of 3 checks pass (1 informational)" in proc.stderr
-    first = out.read_bytes()
-    assert run_compare(tmp_path, "--metrics", *files, "--out", str(out)).returncode == 0
-    assert out.read_bytes() == first  # byte-identical on rerun
+    records = {r["check"]: r for r in json.loads(rows.read_text())}  # the verdict chart's data
+    assert list(records) == ["coco_fp32.map", "voc_fp32.map", "train_voc.acc",
+                             "coco_int8.map/coco_fp32.map"]
+    assert records["coco_fp32.map"]["status"] == "fail" and records["coco_fp32.map"]["value"] == 23
+    assert records["voc_fp32.map"]["status"] == "missing"
+    info = records["train_voc.acc"]  # shown with its delta, no pass/fail boundary
+    assert (info["status"], info["delta"], info["rule"], info["headroom"]) == \
+        ("info", -0.1735, "informational", None)
+    first, first_rows = out.read_bytes(), rows.read_bytes()
+    assert run_compare(tmp_path, "--metrics", *files, "--out", str(out),
+                       "--rows", str(rows)).returncode == 0
+    assert out.read_bytes() == first and rows.read_bytes() == first_rows  # byte-identical
 
 
 def test_stage_rejects_bad_params_with_exit_2(tmp_path):
     (tmp_path / "params.yaml").write_text(PARAMS.replace("tolerance: 0.5", "tolerance: -1")
                                           .replace("ratio: 0.99", "ratoi: 0.99"))
-    out = tmp_path / "compare.json"
-    proc = run_compare(tmp_path, "--metrics", "x.json", "--out", str(out))
+    out, rows = tmp_path / "compare.json", tmp_path / "compare_rows.json"
+    proc = run_compare(tmp_path, "--metrics", "x.json", "--out", str(out), "--rows", str(rows))
     assert proc.returncode == 2
     assert "compare.targets.voc.tolerance: Input should be greater than or equal to 0" \
         in proc.stderr
     assert "compare.floors.int8.ratoi: unknown key" in proc.stderr
-    assert not out.exists()
+    assert not out.exists() and not rows.exists()
 
 
 def test_load_compare_params_reads_file(tmp_path):

@@ -46,6 +46,11 @@ def test_exported_model_matches_gluon_block(tmp_path, tmp_path_factory, head):
     ({"head": "gluoncv", "score_thresh": 0.05}, "score_thresh is fixed at 0.01"),
     ({"weights": "trained"}, "must not be set with weights: trained"),
     ({"nms_topk": 0}, "convert.coco.nms_topk: Input should be greater than 0"),
+    # the gluoncv head's prefiltered graph cannot be built with fewer NMS rows than it keeps
+    ({"head": "gluoncv", "nms_topk": 50, "post_nms": 100},
+     "convert.coco: Value error, post_nms (100) must not exceed nms_topk (50)"),
+    ({"head": "seed", "nms_topk": 99, "post_nms": 100},
+     "post_nms (100) must not exceed nms_topk (99)"),
 ])
 def test_bad_params_fail_before_work(tmp_path, capfd, change, message):
     params = convert_params()

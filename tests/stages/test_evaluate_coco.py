@@ -33,9 +33,12 @@ def test_stage_writes_metrics_speed_and_eval_dir_reproducibly(tmp_path, tmp_path
     metrics = json.loads(first)
     assert set(metrics) == METRIC_KEYS and metrics["images"] == 6
     speed = json.loads(paths["speed"].read_text())
+    phases = {"setup_s", "detect_s", "score_s", "write_s", "total_s"}
     assert set(speed) == {"images_per_s", "latency_p50_ms", "latency_p90_ms", "batch_size",
-                          "threads", "images"}
+                          "threads", "images"} | phases
     assert speed["images_per_s"] > 0 and (speed["batch_size"], speed["threads"]) == (4, 2)
+    assert all(speed[k] >= 0 for k in phases)
+    assert speed["total_s"] >= speed["setup_s"] + speed["detect_s"] + speed["score_s"]
 
     eval_dir = paths["eval"]
     dets = json.loads((eval_dir / "detections.json").read_text())
@@ -52,11 +55,19 @@ def test_stage_writes_metrics_speed_and_eval_dir_reproducibly(tmp_path, tmp_path
     assert len(list((eval_dir / "samples").glob("*.png"))) == 2
     provenance = json.loads((eval_dir / "provenance.json").read_text())
     assert provenance["model"]["head"] == "seed" and "mxnet" in provenance["libraries"]
+    assert provenance["scorer"]["name"] == "pycocotools" == provenance["params"]["scorer"]
+    tables = [(eval_dir / f).read_bytes() for f in ("per_class.csv", "pr.csv", "detections.json")]
 
-    # rerun (another batch size, so other batch shapes): byte-identical accuracy metrics
-    code, _ = run_evaluate(tmp_path, ws, batch_size=3)
+    # rerun with another batch size (other batch shapes) and the faster scorer: byte-identical
+    # accuracy metrics and tables, and the provenance says which scorer ran
+    code, _ = run_evaluate(tmp_path, ws, batch_size=3, scorer="faster-coco-eval")
     assert code == 0
     assert paths["metrics"].read_bytes() == first
+    assert [(eval_dir / f).read_bytes() for f in ("per_class.csv", "pr.csv",
+                                                  "detections.json")] == tables
+    provenance = json.loads((eval_dir / "provenance.json").read_text())
+    assert provenance["scorer"]["name"] == "faster-coco-eval"
+    assert provenance["scorer"]["version"] == "1.8.0"
 
 
 def test_wrong_precision_and_bad_params_fail_before_work(tmp_path, tmp_path_factory, capfd):
@@ -65,6 +76,10 @@ def test_wrong_precision_and_bad_params_fail_before_work(tmp_path, tmp_path_fact
     assert code == 1 and "is a fp32 model, not int8" in capfd.readouterr().err
     code, paths = run_evaluate(tmp_path, ws, batch_size=0)
     assert code == 2 and "evaluate.coco.batch_size" in capfd.readouterr().err
+    code, paths = run_evaluate(tmp_path, ws, scorer="cocoapi")
+    err = capfd.readouterr().err
+    assert code == 2 and "evaluate.coco.scorer" in err and "'cocoapi'" in err
+    assert "pycocotools" in err and "faster-coco-eval" in err
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()
 
 

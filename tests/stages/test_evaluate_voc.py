@@ -11,6 +11,7 @@ import yaml
 
 from stages.common import run_stage
 from stages.evaluate_voc import main
+from tests.stages.voc_helpers import write_border_devkit
 
 CLASSES = ["rectangle", "ellipse", "triangle"]
 SIZE = 128  # the demo SSD's base size
@@ -148,3 +149,44 @@ def test_an_eval_dir_with_foreign_content_is_refused_before_work(models, monkeyp
     assert "--eval-dir" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
     assert not (tmp_path / "m.json").exists()
+
+
+
+def test_the_scoring_frame_param_decides_matches_at_the_iou_threshold(models, monkeypatch,
+                                                                     tmp_path):
+    """64 px images under the 128 px model, each with one object drawn around its top
+    detection so that VOC07's +1 pixel makes it a match in the original frame and a miss in the
+    network frame: the param picks the frame, provenance says which."""
+    from stages.inference import load_detector
+    from stages.voc import detect_voc, in_frame, labels, load_voc, score_voc07
+
+    root, _ = models
+    net, meta = load_detector(root / "model/fp32")
+    devkit = write_border_devkit(tmp_path / "VOCdevkit", net, meta, CLASSES)
+    test_set = load_voc(str(devkit), [(2007, "test")], CLASSES)
+    dets, _, _ = detect_voc(net, meta, test_set, len(test_set), 4)
+    truth = labels(test_set)
+
+    (tmp_path / "model").symlink_to(root / "model")
+    monkeypatch.chdir(tmp_path)
+    maps = {}
+    for frame in ("network", "original"):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(frame=frame)))
+        assert run_eval(tmp_path, devkit, "fp32", tag=f"_{frame}") == 0
+        maps[frame] = json.loads((tmp_path / f"metrics_{frame}/voc_fp32.json").read_text())["map"]
+        provenance = json.loads((tmp_path / f"eval_{frame}/voc_fp32/provenance.json").read_text())
+        assert provenance["frame"] == provenance["params"]["evaluate.voc"]["frame"] == frame
+        expected = score_voc07(*in_frame(dets, truth, frame, SIZE), CLASSES)["map"]
+        assert maps[frame] == pytest.approx(expected, abs=1e-6)
+    assert maps["original"] > maps["network"]
+
+
+def test_an_unknown_frame_is_refused_before_work(models, monkeypatch, tmp_path, capsys):
+    root, devkit = models
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params(frame="image")))
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(main, ["voc", "fp32", "--model", str(root / "model/fp32"), "--data",
+                            str(devkit), "--metrics", "m.json", "--speed", "s.json",
+                            "--eval-dir", "eval"]) == 2
+    assert "evaluate.voc.frame: Input should be 'network' or 'original'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

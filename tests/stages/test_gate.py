@@ -191,9 +191,11 @@ def test_against_fails_closed_without_a_base(repo, monkeypatch):
 
 
 def test_a_sub_pipeline_gates_its_own_metrics(repo, monkeypatch):
-    """The demo reuses the gate from demo/: its dvc.yaml and params, not the root's same names."""
+    """As the demo: a DVC project of its own in a subdirectory (`dvc init --subdir`) is gated on
+    its own dvc.yaml and params, never on the root's files of the same names."""
     demo = repo / "demo"
     demo.mkdir()
+    sh(demo, DVC, "init", "--subdir", "-q")
     (demo / "dvc.yaml").write_text(DVC_YAML)
     (demo / "params.yaml").write_text(
         "compare:\n  targets:\n    ap: {metric: coco_fp32.map, value: 85.0, tolerance: 0.5}\n")
@@ -206,6 +208,36 @@ def test_a_sub_pipeline_gates_its_own_metrics(repo, monkeypatch):
     write_metrics(demo, {"coco_fp32": {"map": 85.2}})
     code, report = run_gate(demo, monkeypatch, "--against", "HEAD")
     assert code == 1 and "| 85.2 | 86 | -0.8 | 0.5 | ❌ **FAIL** |" in report
+    # and the root project does not see the sub-project's metrics either
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 0, report
+
+
+def test_a_nested_pipeline_without_its_own_project_cannot_judge(repo, monkeypatch):
+    """A second dvc.yaml inside the same DVC project declares metrics of the same names: which
+    file a target means is a guess, so the gate refuses (exit 2) and says how to fix it."""
+    nested = repo / "nested"
+    nested.mkdir()
+    (nested / "dvc.yaml").write_text(DVC_YAML)
+    (nested / "params.yaml").write_text(PARAMS)
+    write_metrics(nested, GOOD)
+    for where in (repo, nested):
+        code, report = run_gate(where, monkeypatch)
+        assert code == 2, report
+        assert "more than one metrics file of this DVC project is named" in report
+        assert "dvc init --subdir" in report
+
+
+def test_declared_metrics_come_from_dvc_not_from_the_disk(repo, monkeypatch):
+    """Undeclared files are not metrics, and a declared but missing file still counts as
+    declared (so the check that needs it says it cannot read it)."""
+    monkeypatch.chdir(repo)
+    write_metrics(repo, {"stray": {"map": 1.0}})
+    (repo / "metrics" / "coco_int8.json").unlink()
+    declared = gate.declared_metrics()
+    assert declared == {"coco_fp32": "metrics/coco_fp32.json",
+                        "coco_int8": "metrics/coco_int8.json",
+                        "speed_coco_int8": "metrics/speed_coco_int8.json"}
 
 
 def test_user_ci_workflow_runs_the_gate(repo_root):

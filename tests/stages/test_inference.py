@@ -60,6 +60,59 @@ def test_detections_are_filtered_and_rescaled_to_the_original_image():
     det = inference.to_detections("img", ids, scores, boxes, (480, 640), 300)
     assert det.ids.tolist() == [2, 0] and det.scores.tolist() == pytest.approx([0.9, 0.2])
     np.testing.assert_allclose(det.boxes, [[64, 96, 320, 480], [0, 0, 640, 240]], rtol=1e-6)
+    # the network-frame boxes are kept as they came (the frame GluonCV's VOC metric scores in)
+    np.testing.assert_array_equal(det.network_boxes, boxes[[0, 2]])
+    assert det.image_size == (480, 640)
+
+
+def test_boxes_past_the_input_are_clipped_to_it_before_rescaling():
+    """As GluonCV's eval_ssd.py: bboxes.clip(0, data_shape), then the scale to the image."""
+    boxes = np.array([[-30, -0.5, 320, 150], [10, 20, 300.25, 301]], np.float32)
+    det = inference.to_detections("img", np.zeros((2, 1), np.float32),
+                                  np.ones((2, 1), np.float32), boxes, (480, 640), 300)
+    np.testing.assert_allclose(det.boxes, [[0, 0, 640, 240], [640 / 30, 32, 640, 480]],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(det.network_boxes, [[0, 0, 300, 150], [10, 20, 300, 300]])
+
+
+def like_trained_stock_head(size: int = 128):
+    """The demo SSD with trained-like scores behind GluonCV's stock head: it decodes without
+    clipping, so some of its boxes reach past the input."""
+    from stages.heads import HeadSpec, make_detector
+    from stages.models import build_network, init_like_trained
+
+    net = build_network("demo_ssd", classes=["a", "b", "c"])
+    init_like_trained(net, seed=3, background=4.0, data_shape=size)
+    net(mx.nd.zeros((1, 3, size, size)))
+    detector = make_detector(net, HeadSpec("gluoncv"), size)
+    detector.hybridize()
+    return detector
+
+
+def test_stock_head_detections_stay_inside_each_image(tmp_path):
+    rng = np.random.RandomState(0)
+    items = []
+    for i, (h, w) in enumerate([(96, 160), (200, 120), (128, 128)]):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(encode_jpeg(rng.randint(0, 255, (h, w, 3)).astype(np.uint8)))
+        items.append(inference.ImageItem(i, path))
+    meta = {"data_shape": 128, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    net = like_trained_stock_head()
+    batch = next(inference.iter_batches(items, 128, meta["mean"], meta["std"], 3, prefetch=0))
+    ids, _, raw = inference.run_network(net, batch.data)
+    raw = raw[ids[..., 0] >= 0]
+    assert ((raw < 0) | (raw > 128)).any(axis=1).sum() > 10  # the head's own output goes past
+
+    detections, _, _ = inference.detect_all(net, items, meta, batch_size=2)
+    assert sum(len(d.ids) for d in detections) == len(raw)
+    on_border = 0
+    for det, (h, w) in zip(detections, [(96, 160), (200, 120), (128, 128)]):
+        x0, y0, x1, y1 = det.boxes.T
+        assert (det.boxes >= 0).all() and (x1 <= w).all() and (y1 <= h).all()
+        on_border += ((x0 == 0) | (y0 == 0) | (x1 == w) | (y1 == h)).sum()
+        assert (det.network_boxes >= 0).all() and (det.network_boxes <= 128).all()
+        assert det.image_size == (h, w)
+    assert on_border > 10  # the boxes that reached past are cut at the border, not dropped
 
 
 def test_configure_threads_sets_openmp(monkeypatch):

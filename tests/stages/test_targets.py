@@ -180,7 +180,7 @@ def test_when_value_that_can_never_hold_is_a_params_error(key, wanted, params, n
     assert f"compare.targets.t.when.{key}" in str(err.value) and needle in str(err.value)
 
 
-def test_project_pipeline_wires_every_target(repo_root):
+def test_project_pipeline_wires_every_target(repo_root, monkeypatch):
     """dvc.yaml declares a metrics file for every metric params.yaml targets, the compare stage
     reads them all, and it lists the params its `when` conditions read (so it reruns on them)."""
     from dvc.repo import Repo
@@ -191,7 +191,8 @@ def test_project_pipeline_wires_every_target(repo_root):
     params = parse_section(data, "compare", CompareParams)
     names = {t.metric.split(".")[0] for t in params.targets.values()}
     names |= {m.split(".")[0] for f in params.floors.values() for m in (f.metric, f.reference)}
-    declared = declared_metrics(repo_root)
+    monkeypatch.chdir(repo_root)
+    declared = declared_metrics()
     assert names <= {n for n, p in declared.items() if p}, names - set(declared)
     with Repo(str(repo_root)) as repo:
         stage = next(s for s in repo.index.stages if s.addressing == "compare")

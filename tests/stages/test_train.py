@@ -98,6 +98,11 @@ def test_interrupted_run_resumes_to_the_same_result(devkit, tmp_path):
         (killed_dir / "model/trained/net.params").read_bytes()
     meta = json.loads((clean_dir / "model/trained/net.json").read_text())
     assert (meta["network"], meta["classes"], meta["data_shape"]) == ("demo_ssd", CLASSES, SIZE)
+    # deterministic (the default): MXNet's controls set before it was imported, recorded
+    assert meta["provenance"]["determinism"] == {
+        "deterministic": True, "environment": {"MXNET_ENFORCE_DETERMINISM": "1",
+                                               "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}}
+    assert "determinism controls" not in out + resumed.stderr
     # dvclive: every epoch once, the same values (the replayed part included), and no speed:
     # its git-tracked files, metrics.json (read by `dvc metrics diff`) included, are
     # byte-identical between the two runs
@@ -186,6 +191,7 @@ def test_non_finite_loss_stops_with_a_clear_error(devkit, tmp_path, monkeypatch,
     ({"splits": [[2007, "trianval"]]}, "train.voc.splits.0.1"),
     ({"lr_decay_epochs": [200, 160]}, "lr_decay_epochs must be strictly increasing"),
     ({"learning_rate": 0.1}, "train.voc.learning_rate: unknown key"),
+    ({"deterministic": "yes"}, "train.voc.deterministic: Input should be a valid boolean"),
 ])
 def test_bad_params_exit_2_before_any_work(devkit, tmp_path, monkeypatch, capsys, override, needle):
     cwd, args = workdir(tmp_path, devkit, **override)

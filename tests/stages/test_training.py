@@ -2,15 +2,17 @@
 of the demo SSD on a tiny generated VOC set (validation through the evaluation's path)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stages.models import build_detector
+from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_detector
 from stages.train import TrainParams
 from stages.training import anchor_accuracy, fit, learning_rate, summarize, validate
 from tests.stages.train_helpers import CLASSES, train_params, write_devkit
+from tests.stages.voc_helpers import write_border_devkit
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,60 @@ def test_summary_averages_over_all_anchors():
 
 
 # ---------------------------------------------------------------------------------------------
+# Determinism controls
+
+CONTROLS = ("MXNET_ENFORCE_DETERMINISM", "MXNET_CUDNN_AUTOTUNE_DEFAULT")
+
+
+class EnvironmentSeen:
+    """A dataset whose items are the determinism controls as a DataLoader worker sees them."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        import os
+
+        return np.array([float(os.environ.get(key, -1)) for key in CONTROLS], np.float32)
+
+
+def unset_controls(monkeypatch) -> None:
+    """Unset the controls here; monkeypatch restores what was there (set first so it records)."""
+    for key in CONTROLS:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+def test_determinism_controls_reach_the_process_and_its_dataloader_workers(monkeypatch):
+    from mxnet import gluon
+
+    from stages.training import apply_determinism
+
+    unset_controls(monkeypatch)
+    assert apply_determinism(False) == dict.fromkeys(CONTROLS)  # off: nothing set
+    assert not set(CONTROLS) & set(os.environ)
+    assert apply_determinism(True) == {"MXNET_ENFORCE_DETERMINISM": "1",
+                                       "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}
+    loader = gluon.data.DataLoader(EnvironmentSeen(), batch_size=1, num_workers=1)
+    assert [batch.asnumpy().tolist() for batch in loader] == [[[1.0, 0.0]]] * 2
+    del loader
+
+
+def test_determinism_controls_for_a_launched_process_leave_this_one_alone(monkeypatch):
+    from stages.training import apply_determinism
+
+    unset_controls(monkeypatch)
+    monkeypatch.setenv("MXNET_CUDNN_AUTOTUNE_DEFAULT", "2")
+    child = {"PATH": "/bin"}
+    assert apply_determinism(True, child) == {"MXNET_ENFORCE_DETERMINISM": "1",
+                                              "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}
+    assert child["PATH"] == "/bin" and os.environ["MXNET_CUDNN_AUTOTUNE_DEFAULT"] == "2"
+    # off, what the environment already says is what is reported (and left as it is)
+    assert apply_determinism(False) == {"MXNET_ENFORCE_DETERMINISM": None,
+                                        "MXNET_CUDNN_AUTOTUNE_DEFAULT": "2"}
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 
 @pytest.fixture(scope="module")
@@ -108,33 +164,58 @@ def test_a_few_epochs_lower_the_loss(fitted):
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: the evaluation's inference path
+# Validation: the evaluation's inference path, GluonCV's scoring frame
 
-def test_validation_is_what_evaluating_the_exported_model_gives(fitted, tmp_path):
-    """The same weights exported with GluonCV's stock head and evaluated like the evaluate_voc
-    stage does (load_detector + detect_voc + score_voc07) give the validation mAP exactly."""
-    import mxnet as mx
-
-    from stages.export import check_input, export_block
-    from stages.heads import HeadSpec, make_detector
-    from stages.inference import load_symbol_block
+@pytest.fixture(scope="module")
+def val_border(fitted, tmp_path_factory):
+    """4 test images of 64 px (enlarged to the net's 128 px input), each with one object drawn
+    around the fitted net's top detection so that VOC07's +1 pixel makes it a match in the
+    original frame and a miss in the network frame (tests/stages/voc_helpers.py)."""
     from stages.models import GLUONCV_MEAN, GLUONCV_STD
-    from stages.voc import as_triples, detect_voc, labels, score_voc07
+    from stages.voc import load_voc
+
+    net, _, p, _, _ = fitted
+    net.set_nms(nms_thresh=0.45, nms_topk=400)
+    meta = {"data_shape": p.data_shape, "mean": GLUONCV_MEAN, "std": GLUONCV_STD}
+    devkit = write_border_devkit(tmp_path_factory.mktemp("border") / "VOCdevkit", net, meta,
+                                 CLASSES)
+    return devkit, load_voc(str(devkit), [(2007, "test")], CLASSES)
+
+
+def test_validation_is_what_the_evaluate_stage_gives(fitted, val_border, tmp_path,
+                                                     monkeypatch):
+    """The same weights exported with GluonCV's stock head and evaluated by the evaluate_voc
+    stage in its default frame (network) give the validation mAP, on images of another size
+    than the input too."""
+    import json
+
+    import mxnet as mx
+    import yaml
+
+    from stages.common import run_stage, write_json
+    from stages.convert import main as convert_main
+    from stages.evaluate_voc import main as evaluate_main
 
     net, history, p, ckpt, val_set = fitted
-    validated = validate(net, val_set, p, CLASSES, [mx.cpu()])
-    assert validated == history[-1]["map"] and validated > 0.0  # real detections, some right
-    copy = build_detector(p.network, CLASSES, None, p.seed)  # the fitted weights
-    copy.load_parameters(str(ckpt / "epoch-0004.params"))
-    prefix = tmp_path / "fp32"
-    stock = make_detector(copy, HeadSpec("gluoncv", prefilter_topk=False), p.data_shape)
-    export_block(stock, prefix, check_input(p.data_shape))
-    exported = load_symbol_block(prefix)
-    exported.hybridize(static_alloc=True, static_shape=True)
-    meta = {"data_shape": p.data_shape, "mean": GLUONCV_MEAN, "std": GLUONCV_STD}
-    detections, _, _ = detect_voc(exported, meta, val_set, len(val_set), batch_size=3)
-    evaluated = score_voc07(as_triples(detections), labels(val_set), CLASSES)["map"]
-    assert evaluated == pytest.approx(validated, abs=1e-9)
+    assert validate(net, val_set, p, CLASSES, [mx.cpu()]) == history[-1]["map"]
+    devkit, val = val_border
+    validated = validate(net, val, p, CLASSES, [mx.cpu()])
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "net.params").write_bytes((ckpt / "epoch-0004.params").read_bytes())
+    write_json(trained / "net.json", {"network": p.network, "classes": CLASSES,
+                                      "data_shape": p.data_shape})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "convert": {"voc": {"weights": "trained", "head": "gluoncv", "prefilter_topk": False}},
+        "evaluate": {"voc": {"split": [2007, "test"], "batch_size": 3, "threads": 2,
+                             "samples": 0}}}))
+    monkeypatch.chdir(tmp_path)
+    assert run_stage(convert_main, ["voc", "--out", "fp32", "--trained", "trained"]) == 0
+    assert run_stage(evaluate_main, ["voc", "fp32", "--model", "fp32", "--data", str(devkit),
+                                     "--metrics", "voc.json", "--speed", "speed.json",
+                                     "--eval-dir", "eval"]) == 0
+    evaluated = json.loads((tmp_path / "voc.json").read_text())["map"]
+    assert evaluated == pytest.approx(validated, abs=1e-6)  # the metrics file keeps 6 digits
 
 
 def gluoncv_validation_map(net, dataset, data_shape: int, batch_size: int) -> float:
@@ -158,11 +239,22 @@ def gluoncv_validation_map(net, dataset, data_shape: int, batch_size: int) -> fl
     return 100.0 * metric.get()[1][-1]
 
 
-def test_validation_matches_gluoncvs_own_on_images_of_the_input_size(fitted):
-    """With images already data_shape x data_shape (as in the demo) the frames coincide, and
-    the shared path gives GluonCV's train_ssd.py validation mAP to the last digit."""
+def test_validation_matches_gluoncvs_own(fitted, val_border):
+    """GluonCV's train_ssd.py validation scores in the network frame: on images of the input
+    size (the demo's) and on the border cases of another size alike, the shared path gives its
+    mAP to the last digit (scoring in the original frame would not)."""
     import mxnet as mx
 
     net, _, p, _, val_set = fitted
-    reference = gluoncv_validation_map(net, val_set, p.data_shape, p.batch_size)
-    assert validate(net, val_set, p, CLASSES, [mx.cpu()]) == pytest.approx(reference, abs=1e-9)
+    border = val_border[1]
+    for dataset in (val_set, border):
+        reference = gluoncv_validation_map(net, dataset, p.data_shape, p.batch_size)
+        assert validate(net, dataset, p, CLASSES, [mx.cpu()]) == pytest.approx(reference,
+                                                                                abs=1e-9)
+    from stages.voc import detect_voc, in_frame, labels, score_voc07
+
+    meta = {"data_shape": p.data_shape, "mean": GLUONCV_MEAN, "std": GLUONCV_STD}
+    detections, _, _ = detect_voc(net, meta, border, len(border), p.batch_size)
+    original = score_voc07(*in_frame(detections, labels(border), "original", p.data_shape),
+                           CLASSES)["map"]
+    assert original > reference + 1.0

@@ -92,20 +92,82 @@ def test_missing_split_is_a_stage_error(voc_set):
         load_voc(str(root), [(2012, "trainval")], CLASSES)
 
 
-def test_items_are_the_images_keyed_by_id_and_boxes_are_clipped_to_each(voc_set):
-    from stages.inference import Detections
-    from stages.voc import clip_to_images, image_items
+def test_items_are_the_images_keyed_by_id(voc_set):
+    from stages.voc import image_items
 
     root, samples = voc_set
     ds = load_voc(str(root), [(2007, "test")], CLASSES)
     items = image_items(ds, 3)
     assert [it.key for it in items] == [s.name for s in samples[:3]]
     assert all(it.path.is_file() for it in items)
-    det = Detections("a", np.array([0, 1]), np.array([0.5, 0.4], np.float32),
-                     np.array([[-3, 2, 70, 50], [1, 1, 5, 5]], np.float32))
-    (out,) = clip_to_images([det], [(64.0, 48.0)])
-    assert out.boxes.tolist() == [[0, 2, 64, 48], [1, 1, 5, 5]] and out.key == "a"
-    assert out.ids.tolist() == [0, 1]
+
+
+# Hand-computed frames. Per image: an object matched exactly (score 0.9) and one whose detection
+# is too tall by a margin that falls on either side of IoU 0.5 depending on the frame, because
+# VOC07 adds 1 pixel to x2 and y2 before the IoU (on a 1-pixel-wide scale in either frame).
+# Both objects of class 0; 11-point AP: one hit of two at precision 1, then a false positive:
+# recall points 0..0.5 have precision 1, 0.6..1 none, AP = 6/11; both hits: AP = 1.
+FRAME_CASES = {
+    # 1200 x 1200 image shrunk to 300 (x 1/4). Object [0,0,99,99], detection [0,0,99,201]:
+    # original frame IoU 100*100 / (100*202) = 0.495 (miss); network frame 0.25-scaled boxes
+    # [0,0,24.75,24.75] vs [0,0,24.75,50.25], IoU 25.75 / 51.25 = 0.5024 (hit).
+    "shrunk": dict(size=(1200, 1200), truth=[[500, 500, 599, 599], [0, 0, 99, 99]],
+                   raw=[[125, 125, 149.75, 149.75], [0, 0, 24.75, 50.25]],
+                   expect={"network": 100.0, "original": 600 / 11}),
+    # 200 wide x 100 high image enlarged to 300 (x 1.5, x 3). Object [0,0,49,29], detection
+    # [0,0,49,58.7]: original IoU 30 / 59.7 = 0.5025 (hit); network frame object [0,0,73.5,87]
+    # vs detection [0,0,73.5,176.1], IoU 88 / 177.1 = 0.4969 (miss).
+    "enlarged": dict(size=(100, 200), truth=[[100, 10, 149, 49], [0, 0, 49, 29]],
+                     raw=[[150, 30, 223.5, 147], [0, 0, 73.5, 176.1]],
+                     expect={"network": 600 / 11, "original": 100.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAME_CASES))
+@pytest.mark.parametrize("frame", ["network", "original"])
+def test_the_two_frames_score_the_hand_computed_values(case, frame):
+    from stages.inference import to_detections
+    from stages.voc import in_frame
+
+    c = FRAME_CASES[case]
+    det = to_detections("img", np.zeros(2, np.float32), np.array([0.9, 0.8], np.float32),
+                        np.array(c["raw"], np.float32), c["size"], 300)
+    truth = np.array([[*box, 0, 0] for box in c["truth"]], np.float32)
+    boxes, gt = in_frame([det], [truth], frame, 300)
+    result = score_voc07(boxes, gt, CLASSES)
+    assert result["map"] == pytest.approx(c["expect"][frame], abs=1e-9)
+    assert result["per_class"]["rectangle"] == pytest.approx(c["expect"][frame], abs=1e-9)
+
+
+def test_network_frame_resizes_the_ground_truth_like_gluoncvs_val_transform():
+    """The labels GluonCV's SSDDefaultValTransform gives (what eval_ssd.py scores against)."""
+    import mxnet as mx
+    from gluoncv.data.transforms.presets.ssd import SSDDefaultValTransform
+
+    from stages.inference import to_detections
+    from stages.voc import in_frame
+
+    truth = np.array([[3, 7, 211, 97, 1, 0], [0, 0, 222, 130, 0, 1]], np.float32)
+    image = mx.nd.zeros((131, 223, 3), dtype="uint8")
+    _, want = SSDDefaultValTransform(300, 300)(image, truth.astype(np.float64))
+    det = to_detections("img", np.zeros(0), np.zeros(0), np.zeros((0, 4)), (131, 223), 300)
+    _, (got,) = in_frame([det], [truth], "network", 300)
+    assert got.dtype == np.float32 and got.shape == (2, 6)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_in_frame_refuses_mismatched_inputs():
+    from stages.inference import Detections, to_detections
+    from stages.voc import in_frame
+
+    det = to_detections("img", np.zeros(0), np.zeros(0), np.zeros((0, 4)), (10, 10), 300)
+    with pytest.raises(ValueError, match="1 detection sets for 2 images"):
+        in_frame([det], [np.zeros((0, 6))] * 2, "network", 300)
+    with pytest.raises(ValueError, match="unknown frame 'image'; allowed: network, original"):
+        in_frame([det], [np.zeros((0, 6))], "image", 300)
+    bare = Detections("a", np.zeros(0), np.zeros(0), np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="'a' carry no network-frame boxes"):
+        in_frame([bare], [np.zeros((0, 6))], "network", 300)
 
 
 def test_eval_dir_rows_are_rounded_and_undefined_ap_is_empty():
