@@ -23,7 +23,7 @@ import yaml
 
 from stages.config import PARAMS_FILE, load_yaml
 from stages.metrics_files import lookup_metric, parse_metrics
-from stages.targets import ABSENT, CHANGED, PASS, Row, Target, check, lookup_param
+from stages.targets import ABSENT, CHANGED, PASS, GateKnobs, Row, Target, check, lookup_param
 
 
 class CannotJudge(RuntimeError):
@@ -129,7 +129,7 @@ def configuration_changes(keys: Iterable[str], current: Mapping[str, Any],
 
 
 def regressions(current: Mapping[str, Any], base: Mapping[str, Any],
-                targets: Mapping[str, Target], rev: str, knobs: Any,
+                targets: Mapping[str, Target], rev: str, knobs: GateKnobs,
                 current_params: Mapping[str, Any], base_params: Mapping[str, Any]) -> list[Row]:
     """One row per target: how far its metric moved from ``base`` and whether that is allowed.
 

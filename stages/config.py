@@ -52,6 +52,17 @@ class Section(BaseModel):
         return name
 
 
+def named_entries(value: Any, example: str) -> Any:
+    """For a params field that maps names to entries (compare.targets, data.<d>.archives): the
+    list form of earlier versions is refused, saying what to write instead (a pydantic
+    ``mode="before"`` validator calls this)."""
+    if isinstance(value, list):
+        raise ValueError(f"must be a mapping of name -> entry (e.g. `{example}`), not a list: "
+                         "the name is what `dvc params diff` shows and what `dvc exp run -S` "
+                         "sets (<section>.<name>.<field>=...)")
+    return value
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's SafeLoader, except that a key repeated in one mapping is an error.
 

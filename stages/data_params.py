@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.config import Section
+from stages.config import Section, named_entries
 
 URL_SCHEMES = ("http", "https", "file")
 ZIP_SUFFIXES = (".zip",)
@@ -87,12 +87,8 @@ class Dataset(Section):
 
     @field_validator("archives", mode="before")
     @classmethod
-    def _mapping(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            raise ValueError("must be a mapping of name -> {url, md5, sha1} (e.g. `val2017: "
-                             "{url: ..., md5: ..., sha1: ...}`), not a list: the name is what "
-                             "`dvc params diff` shows and `dvc exp run -S` sets")
-        return value
+    def _named(cls, value: Any) -> Any:
+        return named_entries(value, "val2017: {url: ..., md5: ..., sha1: ...}")
 
     @field_validator("expect")
     @classmethod

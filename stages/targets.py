@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 
 from stages.choices import allowed_values
 from stages.common import round_floats
-from stages.config import PARAMS_FILE, ParamsError, Section, parse_section, read_params_file
+from stages.config import (PARAMS_FILE, ParamsError, Section, named_entries, parse_section,
+                           read_params_file)
 from stages.metrics_files import lookup_metric
 
 # `<file>.<key>`: the file part has no dot (it is a metrics file's stem), the key may have dots.
@@ -99,12 +100,8 @@ class CompareParams(Section):
 
     @field_validator("targets", "floors", mode="before")
     @classmethod
-    def _mapping(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            raise ValueError("must be a mapping of name -> entry (e.g. `coco_fp32: {metric: "
-                             "coco_fp32.map, ...}`), not a list: the name is what `dvc params "
-                             "diff` shows and `dvc exp run -S compare.targets.<name>.value=` sets")
-        return value
+    def _named(cls, value: Any) -> Any:
+        return named_entries(value, "coco_fp32: {metric: coco_fp32.map, value: ..., ...}")
 
 
 @dataclass(frozen=True)

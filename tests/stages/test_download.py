@@ -137,7 +137,7 @@ GOOD = {"url": "http://127.0.0.1:1/a.zip", "md5": "0" * 32, "sha1": "0" * 40}
     ([{**GOOD, "url": "http://h/.hidden.zip"}], {}, "not starting with a dot"),
     ([GOOD, GOOD], {}, "archives must have distinct file names (repeated: ['a.zip'])"),
     (("as written", [GOOD]), {}, "data.coco.archives: Value error, must be a mapping of name "
-                                 "-> {url, md5, sha1}"),  # the list form of earlier versions
+                                 "-> entry (e.g. `val2017: {url: "),  # the earlier list form
     ({"val.2017": GOOD}, {}, "data.coco.archives: name 'val.2017': String should match pattern"),
     ([GOOD], {"retries": -1}, "download.retries: Input should be greater than or equal to 0"),
     ([GOOD], {"timeuot_s": 1}, "download.timeuot_s: unknown key"),
