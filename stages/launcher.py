@@ -10,7 +10,7 @@ lost a worker does not fail by itself: the others wait in a push/pull forever).
 No orphans: each node runs in a process group (session) of its own, and stopping kills whole
 groups (SIGTERM, then SIGKILL after a grace period), so children a node forked (DataLoader
 workers) go too. Each node's stdin is a pipe the launcher never writes: a node that calls
-``exit_with_parent()`` kills its own group when that pipe closes, which is what happens when the
+``stages.parallel.exit_with_parent()`` kills its own group when that pipe closes, which is what happens when the
 launcher dies, even by SIGKILL, and — through ssh, which forwards the end of its stdin — on a
 remote host when the local ``ssh`` process is killed.
 """
@@ -21,7 +21,6 @@ import os
 import selectors
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -322,31 +321,3 @@ class _signals_as_errors:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
         return False
-
-
-def exit_with_parent() -> bool:
-    """In a launched node: kill this process group as soon as stdin reaches its end.
-
-    The launcher holds the other end of stdin and never writes to it, so the end means the
-    launcher (or the ssh connection to it) is gone. Does nothing when stdin is not a pipe or
-    socket (a node started by hand from a terminal); returns whether the watch is on.
-    """
-    try:
-        mode = os.fstat(0).st_mode
-    except OSError:
-        return False
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-        return False
-
-    def watch() -> None:
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        if os.getpgrp() == os.getpid():
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-    return True

@@ -27,7 +27,7 @@ HANG_GUARD_S = 120  # a broken launcher would hang forever: fail the test instea
 # A node program: prints its lines, then behaves as told (exit code, sleep forever, ...).
 NODE = textwrap.dedent("""
     import os, signal, subprocess, sys, time
-    from stages.launcher import exit_with_parent
+    from stages.parallel import exit_with_parent
     marker, action = sys.argv[1], sys.argv[2]
     if os.environ.get("WATCH_STDIN") == "1":
         exit_with_parent()
