@@ -257,10 +257,10 @@ def _supervise(job: _Job, timeout_s: float, linger_s: float) -> None:
     linger_since: Optional[float] = None
     while True:
         job.pump(0.2)
-        for node in job.reap():
-            if node.code != 0:
-                raise JobFailed(f"{node.label()} {describe_exit(node.code)}"
-                                + _ssh_hint(node) + "; stopped every process of the job")
+        failed = [n for n in job.reap() if n.code != 0]
+        if failed:  # several at once: a worker's death can crash the others' ps-lite
+            raise JobFailed("; ".join(f"{n.label()} {describe_exit(n.code)}{_ssh_hint(n)}"
+                                      for n in failed) + "; stopped every process of the job")
         now = job.clock()
         if all(n.code is not None for n in watched):
             if all(n.code is not None for n in others):

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -50,6 +51,12 @@ class Solo:
     def sum(self, floats: Sequence[float] = (), ints: Sequence[int] = ()):
         return [float(x) for x in floats], [int(x) for x in ints]
 
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict):
+        """A Gluon Trainer over ``params``: here exactly the single-process one."""
+        from mxnet import gluon
+
+        return gluon.Trainer(params, optimizer, optimizer_params, kvstore=self.kvstore)
+
     def broadcast_bytes(self, data: Optional[bytes]) -> bytes:
         return data or b""
 
@@ -67,6 +74,24 @@ class KVGroup(Solo):
         super().__init__(kv)
         self.kv, self.rank, self.size = kv, rank, size
         self._keys: dict[int, int] = {}
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict):
+        """A Trainer whose gradients are averaged over the workers by the kvstore.
+
+        As GluonCV's distributed SSD recipe (its train_ssd.py with Horovod): each worker's loss
+        is normalised over its own share of the global batch, the gradients are averaged
+        (``rescale_grad`` 1/size; the kvstore sums) and the learning rate is the one set for
+        the global batch. Updates run on each worker (``update_on_kvstore=False``), so the
+        optimizer state is local — checkpointable, and the learning-rate schedule applies.
+        """
+        from mxnet import gluon
+
+        scaled = {**optimizer_params,
+                  "rescale_grad": optimizer_params.get("rescale_grad", 1.0) / self.size}
+        trainer = gluon.Trainer(params, optimizer, scaled, kvstore=self.kv,
+                                update_on_kvstore=False)
+        self.prepare_trainer(trainer)
+        return trainer
 
     def _pushpull(self, values: np.ndarray) -> np.ndarray:
         """Sum a float32 vector over all workers (one kvstore key per vector length)."""
@@ -154,6 +179,32 @@ def connect(kvstore: str, rank: int, size: int) -> KVGroup:
     if kv.num_workers != size:
         raise StageError(f"the kvstore has {kv.num_workers} workers, expected {size}")
     return KVGroup(kv, rank, size)
+
+
+def exit_now_on_failure(run: Callable[[], int]) -> int:
+    """Run a worker's ``run``; if it fails, end the process at once with a non-zero code.
+
+    A worker of a dist kvstore that raises would not exit: MXNet's shutdown waits for the
+    other workers in a barrier. So the error is logged and the process ends with
+    ``os._exit`` (2 for bad params, 1 otherwise), which the launcher sees immediately.
+    """
+    from stages.config import ParamsError
+
+    try:
+        return run()
+    except BaseException as exc:  # pylint: disable=broad-except
+        # Keep the exception: its traceback holds the frames that hold the kvstore, and freeing
+        # a dist kvstore waits for the other workers (the very hang this function avoids).
+        failure = exc
+    if isinstance(failure, (ParamsError, StageError)):  # a message for the user
+        log.error("%s", failure)
+    else:
+        log.error("worker failed", exc_info=failure)
+    code = 2 if isinstance(failure, ParamsError) else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def serve() -> None:
