@@ -9,7 +9,7 @@ with --threads OpenMP threads, so its peak memory is its own):
 - model: images/s of the symbolic detector (body + detection head) on a batch in memory;
 - e2e: images/s of the evaluate stage's loop (``stages.inference.detect_batches``: JPEG decode
   and GluonCV SSD val preprocessing in a prefetch thread, forward, rescaling) plus the
-  conversion to COCO results, over 640x480 JPEG files drawn by ``stages.generate``;
+  conversion to COCO results, over 640x480 JPEG files drawn by ``stages.synthetic``;
 - e2e-serial (at --parts-batch): the same with loading in the caller's thread (no overlap);
 - parts (at --parts-batch): the body alone (the graph cut before the head) vs the whole model,
   i.e. what the FP32 decode + NMS costs after the body, and the one-thread cost of loading and
@@ -58,7 +58,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
     """``n`` 640x480 JPEGs of generated scenes (COCO-sized, so decoding costs what it does)."""
     import cv2
 
-    from stages.generate import encode_jpeg, make_samples
+    from stages.synthetic import encode_jpeg, make_samples
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -73,8 +73,8 @@ def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
     """Mean (anchor, class) pairs per image with probability > 0.01 and > 0.05."""
     import mxnet as mx
 
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD
     from stages.inference import ImageItem, load_batch
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD
 
     batch = load_batch([ImageItem(p.name, p) for p in paths], SIZE, GLUONCV_MEAN, GLUONCV_STD)
     x = mx.nd.array(batch.data)
@@ -88,29 +88,31 @@ def candidate_counts(ssd, paths: list[Path]) -> tuple[float, float]:
 
 def prepare_models(folder: Path, heads: list[str], calib: list[Path]) -> dict:
     """Export FP32 models with each head and quantize them; return {(head, precision): prefix}."""
-    from stages import convert, quantize
-    from stages.convert import GLUONCV_MEAN, GLUONCV_STD, HeadSpec
+    from stages.export import check_input, export_block
+    from stages.heads import HeadSpec, make_detector
     from stages.inference import ImageItem, load_batch, load_symbol_block
-    from stages.models import build_network, init_like_trained
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_network, init_like_trained
+    from stages.quantization import quantize
+    from stages.quantize import QuantizeParams
 
     folder.mkdir(parents=True, exist_ok=True)
     prefixes = {}
     calib_data = load_batch([ImageItem(p.name, p) for p in calib], SIZE, GLUONCV_MEAN,
                             GLUONCV_STD).data
-    qp = quantize.QuantizeParams(calib_mode="naive", calib_images=len(calib),
+    qp = QuantizeParams(calib_mode="naive", calib_images=len(calib),
                                  batch_size=len(calib))
     for head in heads:
         ssd = build_network(NETWORK)
         init_like_trained(ssd)
         spec = HeadSpec("gluoncv", prefilter_topk=False) if head == "gluoncv-stock" else \
             HeadSpec(head)
-        det = convert.make_detector(ssd, spec, SIZE)
+        det = make_detector(ssd, spec, SIZE)
         fp32 = folder / f"{head}-fp32"
-        convert.export_block(det, fp32, convert.check_input(SIZE))
+        export_block(det, fp32, check_input(SIZE))
         # no logger: MXNet's per-layer calibration log is only switched on when one is given
-        int8_net = quantize.quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
+        int8_net = quantize(load_symbol_block(fp32), calib_data, SIZE, qp, None)
         int8 = folder / f"{head}-int8"
-        convert.export_block(int8_net, int8, convert.check_input(SIZE))
+        export_block(int8_net, int8, check_input(SIZE))
         meta = {"network": NETWORK, "classes": list(ssd.classes), "data_shape": SIZE,
                 "head": head, "mean": list(GLUONCV_MEAN), "std": list(GLUONCV_STD)}
         for precision, prefix in (("fp32", fp32), ("int8", int8)):
@@ -164,7 +166,7 @@ def best_times(fns: list, iters: int, warmup: bool = True) -> list[float]:
 def worker(job: dict) -> dict:
     import mxnet as mx
 
-    from stages.evaluate_coco import to_coco_results
+    from stages.coco_eval import to_coco_results
     from stages.inference import ImageItem, detect_batches, load_batch, load_detector
 
     net, meta = load_detector(job["prefix"])

@@ -1,7 +1,11 @@
 """Stages of the SSD reproducibility pipeline; each runs as ``python -m stages.<name>``.
 
 The only thing done at import time is refusing an interpreter the pinned stack cannot run on,
-before any heavy import fails with a less helpful error.
+before any heavy import fails with a less helpful error. What the code needs is Python 3.10 or
+3.11, any patch release: mxnet 1.9.1 needs numpy 1.23.5 (no wheels for 3.12+), and nothing
+depends on a patch release (archives are extracted by stages/extract.py, which does not use
+tarfile's extraction filters that only 3.10.12+/3.11.4+ have; tests/stages/test_extract.py
+runs it without them).
 """
 import sys
 

@@ -11,12 +11,12 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from stages.config import ParamsError
+from stages import outputs
+from stages.config import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,13 @@ def run_stage(main: Callable[[list[str] | None], int | None],
               argv: list[str] | None = None) -> int:
     """Run a stage's ``main`` with logging set up; user errors become exit code 1 or 2.
 
-    Exit 2: bad params (nothing was done). Exit 1: the stage failed (nothing partial is left).
+    Exit 2: bad params or an output path the stage must not write (nothing was done). Exit 1:
+    the stage failed (nothing partial is left).
     """
     setup_logging()
     try:
         return main(argv) or 0
-    except ParamsError as exc:
+    except UsageError as exc:
         logging.getLogger("stages").error("%s", exc)
         return 2
     except StageError as exc:
@@ -71,34 +72,47 @@ def run_stage(main: Callable[[list[str] | None], int | None],
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(final: str | Path, suffix: str = "", kind: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success it replaces ``final``, else it is removed.
 
-    Works for files and directories: whatever is written at the yielded path is moved into place
-    with one ``os.replace`` (same directory, so same filesystem), so readers never see half a file.
+    Works for files and directories (``kind`` 'file' or 'dir' lets the check run before the
+    work; else the kind written decides): whatever is written at the yielded path is moved into
+    place with one ``os.replace`` (same directory, so same filesystem), so readers never see
+    half a file. It only ever replaces what a stage may replace (stages/outputs.py): a file or
+    symlink where a file goes, a stage-written (marked) or empty directory where a directory
+    goes; anything else is an OutputError (exit 2) and nothing is touched. A directory output
+    gets the marker. Temp paths a killed earlier run left for ``final`` are removed first.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp",
-                                    dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # the caller creates a file or a directory here
+    outputs.check_replaceable(final, kind)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise outputs.OutputError(f"{final}: cannot create its directory ({exc})") from None
+    for leftover in outputs.leftovers(final, (suffix, ".old")):
+        log.info("removing %s, left by an interrupted run", leftover)
+        outputs.remove_path(leftover)
+    tmp = outputs.temp_name(final, suffix)
     try:
         yield tmp
+        written = "dir" if tmp.is_dir() and not tmp.is_symlink() else "file"
+        outputs.check_replaceable(final, written)  # again: the path may have changed meanwhile
+        if written == "dir":
+            outputs.mark(tmp)
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            aside = outputs.temp_name(final, ".old")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, final)
     finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
+        outputs.remove_path(tmp)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, kind="file") as tmp:
         tmp.write_text(text)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -21,14 +21,67 @@ SECTIONS = ("data", "download", "unpack", "generate", "convert", "train", "quant
             "evaluate", "compare", "plots")
 
 
-class ParamsError(ValueError):
+class UsageError(ValueError):
+    """A bad params value or command-line path, refused before any work (exit code 2)."""
+
+
+class ParamsError(UsageError):
     """params.yaml is missing, unreadable, or has a key/value the stage cannot accept."""
 
 
 class Section(BaseModel):
-    """Base of every params section: unknown keys are errors, no silent type coercion."""
+    """Base of every params section: unknown keys are errors, no silent type coercion, and no
+    ``.inf``/``.nan`` where a number is meant (``allow_inf_nan=False`` for every float field)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    # Every params field named ``network`` (train.voc.network, convert.coco.network, ...) names
+    # an entry of the network registry (stages.choices.Network, the names of
+    # stages.models.NETWORKS): checked here, at validation, so
+    # an unknown name is a params error (exit 2) before any work, whichever stage reads it.
+    @field_validator("network", mode="after", check_fields=False)
+    @classmethod
+    def _known_network(cls, name: Any) -> Any:
+        if name is None:
+            return name
+        from stages.choices import Network  # lazily: choices is only needed for this check
+
+        known = sorted(typing.get_args(Network))
+        if name not in known:
+            raise ValueError(f"unknown network {name!r}; known: {', '.join(known)}")
+        return name
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's SafeLoader, except that a key repeated in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys without a word, so a params.yaml with ``lr`` twice
+    would silently run with the second value. Keys brought in by a ``<<`` merge may still be
+    overridden: that is what merges are for.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first at line "
+                        f"{first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, refusing duplicate keys (see _UniqueKeyLoader)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -42,7 +95,7 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read params file ({exc.strerror})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

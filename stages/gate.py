@@ -5,19 +5,23 @@
 Run from the directory of a pipeline (its dvc.yaml and params.yaml), after ``dvc repro``. The
 metrics files are the ones that dvc.yaml declares (DVC's index is asked, so no path is repeated
 here), read as the compare stage reads them; targets and knobs are params.yaml ``compare`` (see
-stages/compare.py). With ``--against REV`` it also runs ``dvc metrics diff --json REV`` and
-fails when a target's metric got worse than its regression tolerance (direction as in the
-target: higher is better for mAP and accuracy).
+stages/targets.py). With ``--against REV`` it also reads the same files as they were at REV
+(through DVC's file system, so git-tracked and DVC-cached metrics alike) and fails when a
+target's metric got worse than its regression tolerance (direction as in the target: higher is
+better for mAP and accuracy).
 
 Exit codes: 0 every check passes; 1 a target, floor or regression check fails; 2 the gate cannot
-judge (a metrics file or key missing, NaN/inf, unreadable JSON, DVC failing, bad params, no
-target applies). It fails closed: nothing it cannot read ever counts as a pass. The Markdown
-table it prints to stdout is also written to ``--report`` for a CI job to post.
+judge (a metrics file or key missing, NaN/inf, unreadable JSON, DVC failing, bad params, a
+``when`` that can never hold, no target applies, a base file at REV that exists but is not a
+JSON object of finite numbers, an empty REV, a ``--report`` it cannot or must not write). It
+fails closed: nothing it cannot read ever counts as a pass. The Markdown table it prints to
+stdout is also written to ``--report`` for a CI job to post; the file is written first, so the
+printed verdict is always the one the exit code gives. ``--report`` may only replace an earlier
+gate report (a file starting with REPORT_HEADING).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -26,40 +30,21 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from stages.common import main_guard, write_text_atomic
-from stages.compare import (FAIL, MISSING, PASS, Row, Target, check, compare, fmt,
-                            load_compare_params, lookup_metric, read_metrics_files)
-from stages.config import ParamsError
+from stages.config import UsageError
+from stages.outputs import OutputError, check_outputs
+from stages.targets import (FAIL, MISSING, PASS, Row, Target, check, compare, fmt,
+                            load_compare_params, lookup_metric, parse_metrics,
+                            read_metrics_files)
 
 log = logging.getLogger(__name__)
 
-DVC = (sys.executable, "-m", "dvc")  # the DVC of this environment, whatever PATH says
 VERDICTS = {PASS: "✅ pass", FAIL: "❌ **FAIL**", MISSING: "⚠️ **CANNOT JUDGE**"}
 OUTCOMES = {0: "PASS", 1: "FAIL", 2: "CANNOT JUDGE"}
+REPORT_HEADING = "### SSD reproduction gate: "
 
 
 class CannotJudge(RuntimeError):
     """The gate lacks what it needs to decide (exit 2)."""
-
-
-def run_dvc(*args: str) -> str:
-    """Run a DVC command here and return its stdout; any failure is CannotJudge."""
-    cmd = [*DVC, *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise CannotJudge(f"cannot run dvc: {exc}") from exc
-    if proc.returncode != 0:
-        detail = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
-        raise CannotJudge(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {detail[0]}")
-    return proc.stdout
-
-
-def parse_dvc_json(text: str, what: str) -> Any:
-    """DVC's ``--json`` output (it may contain NaN/Infinity, which the checks then reject)."""
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise CannotJudge(f"{what} printed no valid JSON ({exc})") from exc
 
 
 def declared_metrics(directory: str | Path = ".") -> dict[str, str]:
@@ -108,30 +93,62 @@ def resolve_paths(names: Iterable[str], declared: Mapping[str, str | None]) -> d
     return paths
 
 
-def base_metrics(rev: str, paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """The values at ``rev`` via ``dvc metrics diff --json --all REV``: name -> {key: old}."""
-    diff = parse_dvc_json(run_dvc("metrics", "diff", "--json", "--all", rev,
-                                  "--targets", *paths.values()), "dvc metrics diff")
-    if not isinstance(diff, dict):
-        raise CannotJudge(f"dvc metrics diff printed {type(diff).__name__}, not an object")
-    by_path = {os.path.normpath(p): v for p, v in diff.items()}
-    base: dict[str, dict[str, Any]] = {}
-    for name, path in paths.items():
-        keys = by_path.get(os.path.normpath(path)) or {}
-        base[name] = {k: v["old"] for k, v in keys.items()
-                      if isinstance(v, dict) and v.get("old") is not None}
+def verify_revision(rev: str) -> None:
+    """CannotJudge unless ``rev`` names a commit of the repository here."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options",
+                               f"{rev}^{{commit}}"], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise CannotJudge(f"cannot run git: {exc}") from exc
+    if proc.returncode != 0:
+        raise CannotJudge(f"unknown Git revision {rev!r}")
+
+
+def base_metrics(rev: str, paths: Mapping[str, str]) -> dict[str, Any]:
+    """Each metrics file as it was at ``rev``: name -> flattened JSON, or a string saying why it
+    cannot be used; a file that did not exist at ``rev`` is left out.
+
+    Read through DVC's public file system at that revision (git-tracked or DVC-cached files
+    alike), and parsed exactly as the current files are: `dvc metrics diff` reports an invalid
+    or non-object base file as no value at all, which would pass for a new metric.
+    """
+    from dvc.api import DVCFileSystem
+    from dvc.repo import Repo
+
+    verify_revision(rev)  # so that "no such file" below really means "not in that commit"
+    root = Repo.find_root(os.getcwd())
+    base: dict[str, Any] = {}
+    try:
+        fs = DVCFileSystem(root, rev=rev)
+        for name, path in paths.items():
+            rel = Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+            try:
+                text = fs.read_text(rel)
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError) as exc:
+                base[name] = f"cannot read {path} at {rev} ({exc})"
+                continue
+            base[name] = parse_metrics(text, f"{path} at {rev}")
+    except Exception as exc:  # noqa: BLE001 - DVC's errors (unknown revision, ...): cannot judge
+        raise CannotJudge(f"cannot read the metrics at {rev!r}: {exc}") from exc
     return base
 
 
-def regressions(current: Mapping[str, Any], base: Mapping[str, Mapping[str, Any]],
+def regressions(current: Mapping[str, Any], base: Mapping[str, Any],
                 targets: Iterable[Target], rev: str, allow_missing_base: bool) -> list[Row]:
-    """One row per target metric: how far it moved from ``base`` and whether that is allowed."""
+    """One row per target metric: how far it moved from ``base`` and whether that is allowed.
+
+    ``allow_missing_base`` excuses only a base revision without that file or key; a base file
+    that exists but cannot be judged (invalid JSON, not an object, NaN, a string) is missing.
+    """
     rows = []
     for t in targets:
         tolerance = t.tolerance if t.regression_tolerance is None else t.regression_tolerance
         new, why = lookup_metric(current, t.metric)
         stem, key = t.metric.split(".", 1)
-        if key not in base.get(stem, {}):
+        content = base.get(stem)
+        if content is None or (isinstance(content, dict) and key not in content):
             note = f"no value at {rev}"
             if new is not None and allow_missing_base:
                 rows.append(Row(t.metric, "regression", t.metric, new, None, None, tolerance,
@@ -157,7 +174,7 @@ def exit_code(rows: Sequence[Row]) -> int:
 def render_markdown(rows: Sequence[Row], against: str | None) -> str:
     """The report: outcome line, then one table row per check."""
     code = exit_code(rows)
-    lines = [f"### SSD reproduction gate: {OUTCOMES[code]} (exit {code})", "",
+    lines = [f"{REPORT_HEADING}{OUTCOMES[code]} (exit {code})", "",
              "| check | metric | value | target / base | delta | tolerance | verdict |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -170,12 +187,13 @@ def render_markdown(rows: Sequence[Row], against: str | None) -> str:
 
 
 def render_error(reason: str) -> str:
-    return (f"### SSD reproduction gate: {OUTCOMES[2]} (exit 2)\n\n"
-            f"The gate could not judge: {reason}\n")
+    return f"{REPORT_HEADING}{OUTCOMES[2]} (exit 2)\n\nThe gate could not judge: {reason}\n"
 
 
 def run_checks(against: str | None) -> list[Row]:
     """Every check the gate makes, from params.yaml, DVC's declarations and DVC's values."""
+    if against is not None and not against.strip():
+        raise CannotJudge("--against is empty: name a git revision (e.g. origin/main)")
     params, targets = load_compare_params()
     if not targets:
         raise CannotJudge("no target in params.yaml `compare.targets` applies to these params")
@@ -190,12 +208,31 @@ def run_checks(against: str | None) -> list[Row]:
     return rows
 
 
-def publish(report: str, path: str | None) -> None:
-    """The report is the product: stdout, and the --report file if asked."""
+def check_report_path(path: str | None) -> None:
+    """``--report`` may be a new file or an earlier gate report, nothing else (OutputError)."""
+    if not path:
+        return
+    check_outputs(files={"--report": path}, inputs={"dvc.yaml": "dvc.yaml"})
+    if os.path.isfile(path) and not os.path.islink(path):
+        with open(path, "rb") as fh:
+            head = fh.read(len(REPORT_HEADING.encode()))
+        if head != REPORT_HEADING.encode():
+            raise OutputError(f"--report {path}: refusing to replace it: it is not a gate "
+                              f"report (does not start with {REPORT_HEADING.strip()!r}); "
+                              "nothing was changed")
+
+
+def publish(report: str, code: int, path: str | None) -> int:
+    """Write the --report file first, then print: the printed verdict is the exit code's."""
+    if path:
+        try:
+            write_text_atomic(path, report)
+        except (OSError, UsageError) as exc:
+            log.error("cannot write --report %s: %s", path, exc)
+            report, code = render_error(f"cannot write --report {path}: {exc}"), 2
     sys.stdout.write(report)
     sys.stdout.flush()
-    if path:
-        write_text_atomic(path, report)
+    return code
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,17 +247,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        rows = run_checks(args.against)
-    except (CannotJudge, ParamsError) as exc:
+        check_report_path(args.report)
+    except OutputError as exc:  # nothing may be written: print the verdict only
         log.error("%s", exc)
-        publish(render_error(str(exc)), args.report)
-        return 2
+        return publish(render_error(str(exc)), 2, None)
+    try:
+        rows = run_checks(args.against)
+        report, code = render_markdown(rows, args.against), exit_code(rows)
+    except (CannotJudge, UsageError) as exc:
+        log.error("%s", exc)
+        report, code = render_error(str(exc)), 2
     except Exception as exc:  # noqa: BLE001 - a crash must not read as a verdict: fail closed
         log.exception("gate crashed")
-        publish(render_error(f"the gate crashed: {type(exc).__name__}: {exc}"), args.report)
-        return 2
-    publish(render_markdown(rows, args.against), args.report)
-    code = exit_code(rows)
+        report, code = render_error(f"the gate crashed: {type(exc).__name__}: {exc}"), 2
+    code = publish(report, code, args.report)
     log.log(logging.INFO if code == 0 else logging.ERROR, "gate: %s (exit %d)",
             OUTCOMES[code], code)
     return code

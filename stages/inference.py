@@ -1,9 +1,14 @@
-"""Shared inference for the evaluate stages: load a symbolic detector, preprocess, detect.
+"""The one inference path: load a symbolic detector, preprocess images, detect in batches.
+
+Used by both evaluate stages and by the train stage's validation: ``detect_batches`` and
+``detect_all`` work with any callable ``net`` mapping a (B, 3, S, S) float32 NDArray batch to
+``(ids, scores, bboxes)`` — an exported detector (``load_detector``) or a Gluon SSD in inference
+mode — and ``meta`` giving ``data_shape``, ``mean`` and ``std``.
 
 MXNet is imported inside the functions, never at module level: ``configure_threads`` must run
 before MXNet starts OpenMP, since OMP_NUM_THREADS is only read then.
 
-Typical use (both evaluate stages)::
+Typical use::
 
     configure_threads(params.threads)
     net, meta = load_detector(prefix)
@@ -94,7 +99,7 @@ def load_symbol_block(prefix: str | Path, ctx=None):
 def load_detector(prefix: str | Path, ctx=None):
     """Load the symbolic detector at ``prefix`` → (hybridized SymbolBlock, meta dict).
 
-    The block maps a (B, 3, S, S) float32 batch to (ids, scores, bboxes); see stages/convert.py.
+    The block maps a (B, 3, S, S) float32 batch to (ids, scores, bboxes); see stages/heads.py.
     """
     meta = read_meta(prefix)
     backend = os.environ.get("MXNET_SUBGRAPH_BACKEND")
@@ -272,15 +277,23 @@ def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
         yield BatchResult(dets, seconds)
 
 
-def latency_summary(seconds: Sequence[float], images: int, wall: float, batch_size: int,
-                    threads: int) -> dict:
-    """The speed-file contract: images/s (end to end), per-batch latency p50/p90 in ms, …"""
-    lat = np.asarray(seconds, np.float64) * 1000.0
-    return {
-        "images_per_s": images / wall if wall > 0 else 0.0,
-        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else 0.0,
-        "latency_p90_ms": float(np.percentile(lat, 90)) if lat.size else 0.0,
-        "batch_size": batch_size,
-        "threads": threads,
-        "images": images,
-    }
+def detect_all(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
+               desc: str = "detect") -> tuple[list[Detections], list[float], float]:
+    """Detect on every item with a progress bar → (detections in item order, per-batch compute
+    seconds, wall seconds end to end)."""
+    from tqdm import tqdm
+
+    detections: list[Detections] = []
+    seconds: list[float] = []
+    start = time.perf_counter()
+    with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:
+        for result in detect_batches(net, items, meta, batch_size):
+            detections.extend(result.detections)
+            seconds.append(result.seconds)
+            bar.update(len(result.detections))
+    return detections, seconds, time.perf_counter() - start
+
+
+def subgraph_backend() -> str:
+    """The oneDNN subgraph backend MXNet runs graphs with (for provenance records)."""
+    return os.environ.get("MXNET_SUBGRAPH_BACKEND", "MKLDNN (default)")

@@ -1,13 +1,33 @@
-"""Detection networks by name: GluonCV's model zoo SSDs plus the project's own small demo SSD.
+"""Detection networks by name, and building them with their weights.
 
-Every entry returns a ``gluoncv.model_zoo.ssd.SSD`` so the convert/quantize/evaluate stages can
-treat them alike. Unknown names fail with the list of known ones.
+- ``NETWORKS`` / ``build_network``: GluonCV's model zoo SSDs plus the project's own small demo
+  SSD. Every entry returns a ``gluoncv.model_zoo.ssd.SSD`` so the convert/quantize/evaluate stages
+  can treat them alike. Unknown names fail with the list of known ones.
+- ``build_detector``: a network to train (pretrained base from the zoo, a local file, or none).
+- ``load_ssd``: a network with all its weights (zoo, a local ``.params`` file, or a trained-model
+  directory), plus the ``Source`` recorded in the exported model's meta.
+- ``init_like_trained``: random weights that score like a trained detector (tests, benchmarks).
+
+MXNet is imported inside the functions: the train stage sets its thread count first.
 """
 from __future__ import annotations
 
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from stages.common import StageError
+from stages.config import ParamsError
+
+log = logging.getLogger(__name__)
+
+# GluonCV's SSD normalisation (RGB, 0..1 scale, ImageNet statistics): how the networks expect
+# their input. Written to every model's meta so each consumer preprocesses alike.
+GLUONCV_MEAN = (0.485, 0.456, 0.406)
+GLUONCV_STD = (0.229, 0.224, 0.225)
 
 
 def _zoo(zoo_name: str) -> Callable[..., object]:
@@ -55,6 +75,143 @@ def build_network(name: str, **kwargs):
     except KeyError:
         raise StageError(f"unknown network {name!r}; known: {', '.join(sorted(NETWORKS))}") from None
     return factory(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# A network to train
+
+def build_detector(network: str, classes: Sequence[str], pretrained_base: str, seed: int):
+    """The registered SSD with ``classes``: base from GluonCV's zoo / a local file / random.
+
+    Everything not loaded is initialised from ``seed`` (on the CPU, so devices don't matter).
+    """
+    import mxnet as mx
+
+    mx.random.seed(seed)
+    try:
+        net = build_network(network, classes=list(classes),
+                            pretrained_base=pretrained_base == "zoo")
+    except StageError:
+        raise
+    except Exception as exc:  # gluoncv's download of the base weights, offline
+        if pretrained_base == "zoo":
+            raise StageError(f"cannot get the ImageNet-pretrained base of {network} from "
+                             f"GluonCV's model zoo ({type(exc).__name__}: {exc}); set "
+                             "pretrained_base to a local .params file or 'none'") from None
+        raise
+    if pretrained_base not in ("zoo", "none"):
+        load_base(net, Path(pretrained_base))
+    with warnings.catch_warnings():  # re-initialising the loaded base warns; it is skipped
+        warnings.simplefilter("ignore")
+        net.initialize()
+    return net
+
+
+def load_base(net, path: Path) -> None:
+    """Load base-network weights from a local ``.params`` file into ``net.features``."""
+    import mxnet as mx
+
+    if not path.is_file():
+        raise StageError(f"pretrained_base {str(path)!r} is neither 'zoo', 'none' nor a file")
+    try:
+        saved = mx.nd.load(str(path))
+    except mx.base.MXNetError as exc:
+        raise StageError(f"pretrained_base {path}: not an MXNet .params file ({exc})") from None
+    own = set(net.features._collect_params_with_prefix())  # pylint: disable=protected-access
+    if not own & set(saved):
+        raise StageError(f"pretrained_base {path}: none of its {len(saved)} arrays matches a "
+                         f"parameter of the network's base (e.g. {sorted(own)[:3]})")
+    net.features.load_parameters(str(path), allow_missing=True, ignore_extra=True)
+    log.info("loaded %d base arrays from %s", len(own & set(saved)), path)
+
+
+def check_input_size(net, data_shape: int) -> None:
+    """Refuse a data_shape other than the size the net's anchors are laid out for.
+
+    (GluonCV would train at any size, but the exported detector's anchors are fixed for the base
+    size: the train stage checks before training, the convert stage before exporting.)
+    """
+    base = getattr(net.anchor_generators[0], "_im_size", (data_shape, data_shape))
+    if tuple(base) != (data_shape, data_shape):
+        raise StageError(f"data_shape {data_shape} differs from the network's base size "
+                         f"{base[0]}: set data_shape: {base[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A network with all its weights (for export)
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights came from (recorded in meta)."""
+
+    network: str
+    classes: tuple[str, ...]
+    data_shape: int
+    weights: str  # "zoo", or the path of the .params file
+    mean: tuple[float, float, float] = GLUONCV_MEAN
+    std: tuple[float, float, float] = GLUONCV_STD
+
+
+def load_ssd(weights: str, network: str | None, data_shape: int | None,
+             trained_dir: Path | None):
+    """The SSD with its weights → (ssd, Source).
+
+    ``weights``: ``trained`` (network, classes and data_shape from ``trained_dir/net.json``,
+    weights from its ``net.params``), ``zoo`` (GluonCV's pretrained ``network``) or the path of
+    a local ``.params`` file for ``network``.
+    """
+    import mxnet as mx
+
+    if weights == "trained":
+        info = read_trained_info(trained_dir)
+        ssd = build_network(info["network"], classes=info["classes"])
+        params_file = trained_dir / "net.params"
+        _load_params(ssd, params_file)
+        return ssd, Source(info["network"], tuple(info["classes"]), int(info["data_shape"]),
+                           str(params_file), tuple(info.get("mean", GLUONCV_MEAN)),
+                           tuple(info.get("std", GLUONCV_STD)))
+    if weights == "zoo":
+        try:
+            ssd = build_network(network, pretrained=True)
+        except StageError:
+            raise
+        except Exception as exc:  # download/sha1 failures come as many exception types
+            raise StageError(f"cannot get pretrained weights of {network} from GluonCV's "
+                             f"model zoo ({type(exc).__name__}: {exc}); offline, copy the zoo's "
+                             "file into ~/.mxnet/models (GluonCV checks its sha1) or set the "
+                             "weights param to the path of a local .params file") from exc
+        ssd.collect_params().reset_ctx(mx.cpu())
+    else:
+        params_file = Path(weights)
+        ssd = build_network(network, pretrained=False, pretrained_base=False)
+        _load_params(ssd, params_file)
+    return ssd, Source(network, tuple(ssd.classes), data_shape, weights)
+
+
+def read_trained_info(trained_dir: Path | None) -> dict:
+    """net.json of a trained-model directory, checked for the keys the contract promises."""
+    if trained_dir is None:
+        raise ParamsError("convert: weights: trained needs --trained <dir>")
+    path = trained_dir / "net.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read trained model description ({exc})") from exc
+    missing = [k for k in ("network", "classes", "data_shape") if k not in info]
+    if missing:
+        raise StageError(f"{path}: missing key(s) {', '.join(missing)}")
+    return info
+
+
+def _load_params(ssd, params_file: Path) -> None:
+    import mxnet as mx
+
+    if not params_file.is_file():
+        raise StageError(f"weights file not found: {params_file}")
+    try:
+        ssd.load_parameters(str(params_file), ctx=mx.cpu())
+    except (AssertionError, mx.base.MXNetError, ValueError, RuntimeError) as exc:
+        raise StageError(f"{params_file}: does not fit the network ({exc})") from exc
 
 
 def init_like_trained(ssd, seed: int = 0, spread: float = 1.5, background: float = 9.0,

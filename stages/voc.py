@@ -1,18 +1,26 @@
-"""Pascal VOC helpers shared by the train and evaluate_voc stages (not a stage itself).
+"""Pascal VOC: the dataset, detection on it, VOC07 scoring (used by train and evaluate_voc).
 
 - ``load_voc``: GluonCV's ``VOCDetection`` over a VOCdevkit root, for any list of class names
   (the 20 VOC classes by default; the demo passes its own).
+- ``detect_voc``: a detector's detections on the first n images of such a dataset, through the
+  shared inference path (``stages/inference.py``), in the original image frame, clipped to
+  each image as GluonCV's eval_ssd.py clips them. The evaluate_voc stage and the train stage's
+  validation both call it.
 - ``score_voc07``: VOC07 11-point mAP with difficult objects ignored, through GluonCV's
   ``VOC07MApMetric``, plus per-class AP and a mean precision-recall curve, in percent.
+- ``detections_records`` / ``per_class_rows`` / ``pr_rows``: the rows of the eval dir's files.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
 
-from stages.common import StageError
+from stages.common import StageError, round_floats
+from stages.inference import Detections, ImageItem, detect_all
 
 # A (year, split) pair of params, e.g. [2007, test]. YAML gives lists, so this one type is not
 # strict about list vs tuple (the params models are strict otherwise).
@@ -74,6 +82,42 @@ def labels(dataset) -> list[np.ndarray]:
             for lab in dataset._label_cache]  # pylint: disable=protected-access
 
 
+# ---------------------------------------------------------------------------------------------
+# Detection on a VOC dataset
+
+def image_items(dataset, n: int) -> list[ImageItem]:
+    """The first ``n`` images of a ``load_voc`` dataset as inference items keyed by image id."""
+    return [ImageItem(i, Path(path)) for i, path in zip(image_ids(dataset)[:n],
+                                                         image_paths(dataset)[:n])]
+
+
+def clip_to_images(detections: Sequence[Detections], sizes: Sequence[tuple[float, float]]
+                   ) -> list[Detections]:
+    """Boxes clipped to their image (width, height), as GluonCV's eval_ssd.py clips them."""
+    out = []
+    for det, (w, h) in zip(detections, sizes):
+        boxes = np.asarray(det.boxes, np.float32).reshape(-1, 4)
+        limit = np.array([w, h, w, h], np.float32)
+        out.append(replace(det, boxes=np.clip(boxes, 0, limit)))
+    return out
+
+
+def detect_voc(net, meta: dict, dataset, n: int, batch_size: int, desc: str = "detect"
+               ) -> tuple[list[Detections], list[float], float]:
+    """Detections of ``net`` on the first ``n`` images of ``dataset``, boxes clipped to each
+    image, with per-batch compute seconds and wall seconds (``inference.detect_all``)."""
+    detections, seconds, wall = detect_all(net, image_items(dataset, n), meta, batch_size, desc)
+    return clip_to_images(detections, image_sizes(dataset)[:n]), seconds, wall
+
+
+def as_triples(detections: Sequence[Detections]) -> list[tuple]:
+    """Per image ``(boxes, class ids, scores)``: the form ``score_voc07`` and the records take."""
+    return [(d.boxes, d.ids, d.scores) for d in detections]
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC07 scoring and the eval dir rows
+
 def score_voc07(detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                 ground_truth: Sequence[np.ndarray], classes: Sequence[str],
                 iou_thresh: float = 0.5) -> dict:
@@ -120,3 +164,38 @@ def interpolated_precision(recall: np.ndarray, precision: np.ndarray,
         reached = recall >= r - 1e-12
         out[i] = precision[reached].max() if reached.any() else 0.0
     return out
+
+
+def detections_records(ids: Sequence[str], detections: Sequence[tuple]) -> list[dict]:
+    """COCO-results rows for per-image (boxes xyxy, class indices, scores)."""
+    rows = []
+    for image_id, (boxes, classes, scores) in zip(ids, detections):
+        for (x0, y0, x1, y1), c, s in zip(np.asarray(boxes, np.float64), classes, scores):
+            rows.append({"image_id": image_id, "category_id": int(c) + 1,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
+    return round_floats(rows, 4)
+
+
+def detections_from_records(records: Sequence[dict], ids: Sequence[str]) -> list[tuple]:
+    """The inverse of ``detections_records``: per image of ``ids``, (boxes, classes, scores)."""
+    per_image: dict[str, list[dict]] = {i: [] for i in ids}
+    for r in records:
+        per_image[r["image_id"]].append(r)
+    out = []
+    for i in ids:
+        rows = per_image[i]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)],
+                         np.float32).reshape(-1, 4)
+        out.append((boxes, np.array([r["category_id"] - 1 for r in rows], np.int64),
+                    np.array([r["score"] for r in rows], np.float32)))
+    return out
+
+
+def per_class_rows(aps: dict[str, float | None]) -> list[list]:
+    """(class, AP percent rounded to 4 digits or '' when undefined) rows in class order."""
+    return [[name, "" if ap is None else round(ap, 4)] for name, ap in aps.items()]
+
+
+def pr_rows(recall: np.ndarray, precision: np.ndarray) -> list[list]:
+    """(recall, precision) rows rounded for stable files."""
+    return [[round(float(r), 4), round(float(p), 6)] for r, p in zip(recall, precision)]

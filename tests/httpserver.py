@@ -6,7 +6,11 @@ Each served path has a plan: the behaviours its next requests get, in order (the
 - ``("cut", n)``: like ok, but the connection is closed after ``n`` body bytes;
 - ``("stall", n, seconds)``: like ok, but waits ``seconds`` after ``n`` body bytes;
 - ``("status", code)``: answers ``code`` with an empty body;
-- ``"norange"``: ignores Range, always 200 with the whole file.
+- ``"norange"``: ignores Range, always 200 with the whole file;
+- ``("redirect", location)``: answers 302 with that ``Location``;
+- ``"endless"``: 200 without Content-Length, the file's bytes over and over until the client
+  goes away (a body that never ends);
+- ``("trickle", n, seconds)``: 200 without Content-Length, ``n`` bytes every ``seconds``, forever.
 
 Requests are logged (path, Range header, whether it came through as a proxy request), so tests
 can assert what the client really asked for. Works as a forward proxy too: a request line with
@@ -95,6 +99,10 @@ def _handler_for(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                 return self._empty(404)
             if kind == "status":
                 return self._empty(behaviour[1])
+            if kind == "redirect":
+                return self._empty(302, {"Location": behaviour[1]})
+            if kind in ("endless", "trickle"):
+                return self._forever(data, behaviour)
             start = 0
             match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
             if match and kind != "norange":
@@ -121,6 +129,20 @@ def _handler_for(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     return
                 body = body[behaviour[1]:]
             self.wfile.write(body)
+
+        def _forever(self, data: bytes, behaviour) -> None:
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            step, pause = (len(data), 0.0) if behaviour == "endless" else behaviour[1:]
+            position = 0
+            while not server.stopping.is_set():
+                self.wfile.write((data * 2)[position:position + step] if step else b"")
+                self.wfile.flush()
+                position = (position + step) % max(len(data), 1)
+                if pause and server.stopping.wait(pause):
+                    return
 
         def _empty(self, code: int, headers: dict | None = None) -> None:
             self.send_response(code)

@@ -30,7 +30,8 @@ def write_coco_set(root: Path, n: int = 6, seed: int = 1) -> tuple[Path, Path]:
     """``n`` generated images in COCO layout with the real, non-contiguous category ids; objects
     of 4 classes spread over the id range; the last image has no annotations.
     Returns (images dir, annotations file)."""
-    from stages.generate import make_samples, write_coco
+    from stages.dataset_files import write_coco
+    from stages.synthetic import make_samples
 
     classes = coco_classes()
     drawn = [classes[i] for i in (0, 11, 40, 79)]  # ids 1, 13, 46, 90

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from stages.generate import make_samples, write_coco, write_voc
+from stages.dataset_files import write_coco, write_voc
+from stages.synthetic import make_samples
+from stages.outputs import MARKER
 
 DVC = Path(sys.executable).with_name("dvc")
 CLASSES = ["rectangle", "ellipse"]
@@ -113,8 +115,8 @@ def test_dvc_repro_download_and_unpack(repo_root, tmp_path, archive_server):
         assert (voc / split).is_file(), split
     assert len(list((voc / "VOC2007" / "JPEGImages").glob("*.jpg"))) == 4  # trainval + test
     assert sorted(os.listdir(repo / "data" / "downloads" / "coco")) == [
-        "annotations_trainval2017.zip", "val2017.zip"]
-    assert list((repo / "data" / ".partial").rglob("*.*")) == []
+        MARKER, "annotations_trainval2017.zip", "val2017.zip"]
+    assert list((repo / "data" / ".partial").rglob("*.part")) == []
     # The cut connection was resumed with a Range request inside the real run.
     assert [r.range is not None for r in archive_server.requests_for("/val2017.zip")] == [
         False, True]

@@ -35,7 +35,8 @@ def models(tmp_path_factory):
 
     from stages.common import write_json
     from stages.convert import main as convert_main
-    from stages.generate import make_samples, write_voc
+    from stages.dataset_files import write_voc
+    from stages.synthetic import make_samples
     from stages.models import build_network, init_like_trained
     from stages.quantize import main as quantize_main
 

@@ -218,3 +218,102 @@ def test_user_ci_workflow_runs_the_gate(repo_root):
         assert command in runs, command
     assert any("github-script" in s.get("uses", "") or "gh pr comment" in s.get("run", "")
                for s in steps)
+
+
+# --- fails closed on every ambiguity (issue: trust) ----------------------------------------
+
+def gate_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.gate", *args], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+
+
+def tree_state(root: Path) -> list[tuple[str, bytes | None]]:
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None)
+                  for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("report", [".", "metrics", "..", "params.yaml", "dvc.yaml",
+                                    "metrics/coco_fp32.json", "notes.md"])
+def test_report_that_is_not_a_gate_report_is_refused_and_kept(repo, report):
+    """`--report <dir>` used to delete the directory (with `.`, the checkout and its .git);
+    `--report params.yaml` overwrote the params. Now: exit 2, CANNOT JUDGE, nothing touched."""
+    (repo / "notes.md").write_text("my notes\n")
+    before = tree_state(repo.parent)
+    proc = gate_cli(repo, "--report", report)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("### SSD reproduction gate: CANNOT JUDGE (exit 2)")
+    assert f"--report {report}" in proc.stdout and "Traceback" not in proc.stderr
+    assert tree_state(repo.parent) == before
+
+
+def test_an_earlier_report_is_replaced(repo, monkeypatch):
+    (repo.parent / "gate.md").write_text("### SSD reproduction gate: FAIL (exit 1)\nold\n")
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 0 and report.startswith("### SSD reproduction gate: PASS (exit 0)")
+
+
+@pytest.mark.parametrize("report", ["/proc/gate-report.md", "a-file/gate.md"])
+def test_unwritable_report_is_exit_2_and_the_printed_verdict_agrees(repo, report):
+    """The metrics pass, but the report cannot be written: the gate must not print PASS and
+    exit otherwise (it used to print PASS, then crash with a traceback, exit 1)."""
+    (repo / "a-file").write_text("a file, not a directory")
+    proc = gate_cli(repo, "--report", report)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("### SSD reproduction gate: CANNOT JUDGE (exit 2)")
+    assert "PASS" not in proc.stdout and "Traceback" not in proc.stderr
+    assert f"cannot write --report {report}" in proc.stdout
+
+
+@pytest.mark.parametrize("rev", ["", "  "])
+def test_empty_against_cannot_judge(repo, monkeypatch, rev):
+    code, report = run_gate(repo, monkeypatch, "--against", rev)
+    assert code == 2 and "--against is empty" in report
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"map": 24.1', "is not valid JSON"),
+    ("[24.1]", "does not hold a JSON object"),
+    ('{"map": NaN}', "not finite"),
+    ('{"map": "24.1"}', "not a number"),
+    ('"24.1"', "does not hold a JSON object"),
+])
+def test_allow_missing_base_does_not_excuse_a_broken_base_file(repo, monkeypatch, content,
+                                                               needle):
+    """A base revision whose metrics file exists but cannot be judged is exit 2, even with
+    allow_missing_base (which covers only a file or key the base does not have)."""
+    write_metrics(repo, {"coco_fp32": content})
+    (repo / "params.yaml").write_text(PARAMS.replace("allow_missing_base: false",
+                                                     "allow_missing_base: true"))
+    commit(repo, "a broken base")
+    write_metrics(repo, GOOD)
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2, report
+    assert "| vs `HEAD` | `coco_fp32.map` |" in report and needle in report
+    assert "new metric" not in report.split("coco_fp32.map` |", 2)[-1].splitlines()[0]
+
+
+def test_missing_base_file_or_key_is_what_allow_missing_base_accepts(repo, monkeypatch):
+    (repo / "metrics" / "coco_int8.json").unlink()
+    write_metrics(repo, {"coco_fp32": {"map50": 41.0}})
+    commit(repo, "base without coco_int8.json and without coco_fp32.map")
+    write_metrics(repo, GOOD)
+    (repo / "params.yaml").write_text(PARAMS.replace("allow_missing_base: false",
+                                                     "allow_missing_base: true"))
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 0, report
+    assert report.count("new metric; allow_missing_base") == 2
+
+
+@pytest.mark.parametrize("when, needle", [
+    ("{convert.coco.head: Seed}", "'Seed' is not a value convert.coco.head can take"),
+    ("{convert.coco.heads: seed}", "key 'convert.coco.heads' is not in params.yaml"),
+    ("{convert.coco: seed}", "is a dict, not a single value"),
+])
+def test_when_that_can_never_hold_cannot_judge(repo, monkeypatch, when, needle):
+    """A misspelt `when` value silently dropped the target and the gate passed with a COCO FP32
+    mAP of 10. Now the target that applies to nothing is exit 2."""
+    write_metrics(repo, {"coco_fp32": {"map": 10.0}, "coco_int8": {"map": 9.95}})
+    params = PARAMS.replace("when: {convert.coco.head: seed}", f"when: {when}", 1)
+    (repo / "params.yaml").write_text(params)
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 2 and needle in report, report

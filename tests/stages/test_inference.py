@@ -1,3 +1,4 @@
+"""The shared inference path: preprocessing like GluonCV, ordered batches, rescaled detections."""
 import os
 
 import mxnet as mx
@@ -7,7 +8,7 @@ from gluoncv.data.transforms.presets.ssd import SSDDefaultValTransform
 
 from stages import inference
 from stages.common import StageError
-from stages.generate import encode_jpeg
+from stages.synthetic import encode_jpeg
 
 
 @pytest.mark.parametrize("shape", [(480, 640), (200, 150), (280, 400)])  # shrink, grow, mixed
@@ -59,14 +60,6 @@ def test_detections_are_filtered_and_rescaled_to_the_original_image():
     det = inference.to_detections("img", ids, scores, boxes, (480, 640), 300)
     assert det.ids.tolist() == [2, 0] and det.scores.tolist() == pytest.approx([0.9, 0.2])
     np.testing.assert_allclose(det.boxes, [[64, 96, 320, 480], [0, 0, 640, 240]], rtol=1e-6)
-
-
-def test_latency_summary_keys():
-    s = inference.latency_summary([0.1, 0.2, 0.3, 0.4], images=16, wall=2.0, batch_size=4,
-                                  threads=2)
-    assert s == {"images_per_s": 8.0, "latency_p50_ms": pytest.approx(250.0),
-                 "latency_p90_ms": pytest.approx(370.0), "batch_size": 4, "threads": 2,
-                 "images": 16}
 
 
 def test_configure_threads_sets_openmp(monkeypatch):

@@ -1,3 +1,4 @@
+"""The quantize stage: a real INT8 model with quantized convolutions, close to FP32."""
 import json
 from pathlib import Path
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from stages import quantize
-from stages.convert import GLUONCV_MEAN, GLUONCV_STD, outputs_to_numpy
+from stages.export import outputs_to_numpy
 from stages.inference import ImageItem, load_batch, load_detector
+from stages.models import GLUONCV_MEAN, GLUONCV_STD
 from tests.stages.coco_helpers import run_in, shared_workspace, write_params
 
 CALIB = {"calib_mode": "naive", "calib_images": 4, "batch_size": 2, "seed": 0,
@@ -73,27 +75,6 @@ def test_int8_model_has_quantized_convs_and_stays_close(tmp_path, tmp_path_facto
     ref, got = outputs_to_numpy(fp32(x)), outputs_to_numpy(int8(x))
     assert matched_fraction(ref, got) >= 0.75
     assert np.abs(ref[1].max() - got[1].max()) < 0.02
-
-
-def test_calibration_images_are_drawn_reproducibly():
-    paths = [Path(f"{i:04d}.jpg") for i in range(100)]
-    first = quantize.pick_calibration(paths, 8, seed=0)
-    assert first == quantize.pick_calibration(list(reversed(paths)), 8, seed=0)
-    assert first != quantize.pick_calibration(paths, 8, seed=1)
-    assert len(set(first)) == 8
-
-
-def test_quantized_layers_read_from_symbol():
-    nodes = {"nodes": [
-        {"op": "null", "name": "data"},
-        {"op": "_sg_mkldnn_conv", "name": "q0", "attrs": {"quantized": "true"},
-         "subgraphs": [{"nodes": [{"op": "Convolution", "name": "conv0_fwd"}]}]},
-        {"op": "_sg_mkldnn_conv", "name": "f1", "attrs": {}},
-        {"op": "_contrib_quantized_pooling", "name": "pool0"},
-    ]}
-    assert quantize.quantized_layers(json.dumps(nodes)) == [
-        {"name": "q0", "op": "quantized_conv", "layers": ["conv0_fwd"]},
-        {"name": "pool0", "op": "quantized_pooling"}]
 
 
 @pytest.mark.parametrize("change, message", [

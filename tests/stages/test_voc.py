@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from stages.common import StageError
-from stages.evaluate_voc import detections_from_records, detections_records
-from stages.generate import make_samples, write_voc
-from stages.voc import image_ids, image_paths, labels, load_voc, score_voc07
+from stages.dataset_files import write_voc
+from stages.synthetic import make_samples
+from stages.voc import (detections_from_records, detections_records, image_ids, image_paths,
+                        labels, load_voc, score_voc07)
 
 CLASSES = ["rectangle", "ellipse", "triangle", "cross"]
 
@@ -89,3 +90,27 @@ def test_missing_split_is_a_stage_error(voc_set):
     root, _ = voc_set
     with pytest.raises(StageError, match="cannot read VOC split"):
         load_voc(str(root), [(2012, "trainval")], CLASSES)
+
+
+def test_items_are_the_images_keyed_by_id_and_boxes_are_clipped_to_each(voc_set):
+    from stages.inference import Detections
+    from stages.voc import clip_to_images, image_items
+
+    root, samples = voc_set
+    ds = load_voc(str(root), [(2007, "test")], CLASSES)
+    items = image_items(ds, 3)
+    assert [it.key for it in items] == [s.name for s in samples[:3]]
+    assert all(it.path.is_file() for it in items)
+    det = Detections("a", np.array([0, 1]), np.array([0.5, 0.4], np.float32),
+                     np.array([[-3, 2, 70, 50], [1, 1, 5, 5]], np.float32))
+    (out,) = clip_to_images([det], [(64.0, 48.0)])
+    assert out.boxes.tolist() == [[0, 2, 64, 48], [1, 1, 5, 5]] and out.key == "a"
+    assert out.ids.tolist() == [0, 1]
+
+
+def test_eval_dir_rows_are_rounded_and_undefined_ap_is_empty():
+    from stages.voc import per_class_rows, pr_rows
+
+    assert per_class_rows({"a": 12.345678, "b": None}) == [["a", 12.3457], ["b", ""]]
+    assert pr_rows(np.array([0.0, 0.123456]), np.array([1.0, 0.1234567891])) == \
+        [[0.0, 1.0], [0.1235, 0.123457]]

@@ -1,0 +1,77 @@
+"""Training checkpoints: what makes one valid for a run (``fingerprint``), writing and finding.
+
+A checkpoint after epoch E is ``epoch-EEEE.params`` (weights), ``.states`` (optimizer state) and
+``.json`` (epoch, fingerprint, per-epoch history), the json written last so it marks the
+checkpoint complete. A run resumes from the latest complete checkpoint with its fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from stages.common import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# Params that do not change the training trajectory: a checkpoint stays valid across them.
+NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_interval", "val_interval", "val_split",
+                      "val_max_images")
+
+
+def fingerprint(params: Mapping[str, Any], classes: Sequence[str], ids: Sequence[str]) -> str:
+    """Digest of everything that shapes the training trajectory (params, classes, image list).
+
+    ``params``: the train params as a mapping (``model_dump()``). ``epochs`` only matters for
+    the cosine schedule (a step schedule run can be extended).
+    """
+    knobs = {k: v for k, v in params.items() if k not in NOT_IN_FINGERPRINT}
+    if knobs["schedule"] != "cosine":
+        knobs.pop("epochs")
+    blob = json.dumps({"params": knobs, "classes": list(classes), "images": list(ids)},
+                      sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def checkpoint_paths(directory: Path, epoch: int) -> dict[str, Path]:
+    """The three files of the checkpoint after ``epoch`` epochs."""
+    stem = directory / f"epoch-{epoch:04d}"
+    return {k: stem.with_suffix(f".{k}") for k in ("params", "states", "json")}
+
+
+def save_checkpoint(directory: Path, net, trainer, history: list[dict], digest: str) -> None:
+    """Write weights, optimizer state, then the json that makes the checkpoint count.
+
+    Older checkpoints (and stale ones of other params) are removed once it is complete.
+    """
+    epoch = history[-1]["epoch"]
+    paths = checkpoint_paths(directory, epoch)
+    with atomic_path(paths["params"]) as tmp:
+        net.save_parameters(str(tmp))
+    with atomic_path(paths["states"]) as tmp:
+        trainer.save_states(str(tmp))
+    write_json(paths["json"], {"epoch": epoch, "fingerprint": digest, "history": history})
+    keep = set(paths.values())
+    for old in directory.glob("epoch-*"):
+        if old not in keep:
+            old.unlink()
+
+
+def find_checkpoint(directory: Path, digest: str, epochs: int) -> Optional[dict]:
+    """The latest complete checkpoint made with ``digest`` and at most ``epochs`` epochs."""
+    for leftover in directory.glob(".epoch-*.tmp"):  # a killed run's partial file
+        leftover.unlink()
+    for meta_path in sorted(directory.glob("epoch-*.json"), reverse=True):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        paths = checkpoint_paths(directory, int(meta.get("epoch", -1)))
+        if (meta.get("fingerprint") == digest and meta["epoch"] <= epochs
+                and paths["params"].is_file() and paths["states"].is_file()):
+            return {**meta, "paths": paths}
+        log.warning("ignoring checkpoint %s: made with other params/data (or more epochs)",
+                    meta_path)
+    return None

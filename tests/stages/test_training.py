@@ -1,0 +1,168 @@
+"""The training engine: learning rate, the loss's anchor accuracy, summaries, and a real fit
+of the demo SSD on a tiny generated VOC set (validation through the evaluation's path)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.models import build_detector
+from stages.train import TrainParams
+from stages.training import anchor_accuracy, fit, learning_rate, summarize, validate
+from tests.stages.train_helpers import CLASSES, train_params, write_devkit
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory) -> Path:
+    return write_devkit(tmp_path_factory.mktemp("voc"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+def test_anchor_accuracy_uses_exactly_the_loss_mask():
+    import mxnet as mx
+    from gluoncv.loss import SSDMultiBoxLoss
+
+    rng = np.random.RandomState(0)
+    b, n, c = 3, 200, 4
+    cls_pred = mx.nd.array(rng.normal(0, 2, (b, n, c)))
+    target = np.zeros((b, n), np.float32)
+    for i, k in enumerate((5, 1, 12)):  # a few positives per image
+        target[i, rng.choice(n, k, replace=False)] = rng.randint(1, c, k)
+    cls_target = mx.nd.array(target)
+    box = mx.nd.zeros((b, n, 4))
+    _, cls_losses, _ = SSDMultiBoxLoss()(cls_pred, box, cls_target, box)
+
+    # Recompute the loss over our mask: it must equal GluonCV's (mask = positives + mined negatives).
+    ce = -mx.nd.pick(mx.nd.log_softmax(cls_pred, axis=-1), cls_target, axis=-1).asnumpy()
+    pos = target > 0
+    masked = []
+    for i in range(b):
+        negatives = np.argsort(-np.where(pos[i], -np.inf, ce[i]))[: 3 * pos[i].sum()]
+        mask = pos[i].copy()
+        mask[negatives] = True
+        masked.append(ce[i][mask].sum() / pos.sum())
+    np.testing.assert_allclose(cls_losses[0].asnumpy(), masked, rtol=1e-5)
+
+    correct, counted = anchor_accuracy(cls_pred, cls_target)
+    assert counted == 4 * pos.sum()  # 18 positives + 54 hard negatives
+    expected = sum(((np.argmax(cls_pred.asnumpy()[i], -1) == target[i])
+                    & (pos[i] | np.isin(np.arange(n), np.argsort(-np.where(pos[i], -np.inf, ce[i]))
+                                        [: 3 * pos[i].sum()]))).sum() for i in range(b))
+    assert correct == expected
+    # A perfect classifier is right on every counted anchor (ties make the mined set differ).
+    right, seen = anchor_accuracy(mx.nd.one_hot(cls_target, c) * 20, cls_target)
+    assert right == seen >= pos.sum()
+
+
+def test_learning_rate_schedules():
+    p = TrainParams.model_validate(train_params(epochs=10, lr=0.1, lr_decay_epochs=[4, 8],
+                                                warmup_epochs=2))
+    assert learning_rate(p, 0, 5) == pytest.approx(0.01)  # warmup: 1/10 of the way
+    assert learning_rate(p, 9, 5) == pytest.approx(0.1)
+    assert learning_rate(p, 4 * 5, 5) == pytest.approx(0.01)
+    assert learning_rate(p, 8 * 5, 5) == pytest.approx(0.001)
+    cos = TrainParams.model_validate({**p.model_dump(), "schedule": "cosine"})
+    assert learning_rate(cos, 10, 5) == pytest.approx(0.1)  # right after warmup
+    assert learning_rate(cos, 49, 5) < 0.001
+
+
+def test_summary_averages_over_all_anchors():
+    history = [{"epoch": 1, "correct": 1, "counted": 4, "loss": 9.0, "images": 8, "seconds": 2.0},
+               {"epoch": 2, "correct": 9, "counted": 12, "loss": 3.0, "images": 8, "seconds": 2.0}]
+    assert summarize(history) == {"acc": 10 / 16, "loss": 3.0, "epochs": 2, "images_per_s": 4.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+@pytest.fixture(scope="module")
+def fitted(devkit, tmp_path_factory):
+    """The demo SSD trained 4 epochs on the tiny set (flip path, in process), validated at the
+    end: (net, history, params, checkpoint dir, validation set)."""
+    import mxnet as mx
+
+    from stages.voc import load_voc
+
+    ckpt = tmp_path_factory.mktemp("fit") / "ckpt"
+    p = TrainParams.model_validate(train_params(epochs=4, val_interval=4, lr_decay_epochs=[]))
+    train_set = load_voc(str(devkit), p.splits, CLASSES)
+    val_set = load_voc(str(devkit), [p.val_split], CLASSES)
+    net = build_detector(p.network, CLASSES, p.pretrained_base, p.seed)
+    history = fit(net, train_set, range(len(train_set)), val_set, p, CLASSES, [mx.cpu()],
+                  ckpt, "digest", on_epoch=lambda r: None)
+    return net, history, p, ckpt, val_set
+
+
+def test_a_few_epochs_lower_the_loss(fitted):
+    """Flip-only path, in process: loss falls, anchor accuracy rises, mAP computed at the end."""
+    net, history, p, ckpt, _ = fitted
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    assert history[-1]["anchor_acc"] > history[0]["anchor_acc"]
+    assert 0.0 <= history[-1]["map"] <= 100.0 and "map" not in history[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "epoch-0004.json", "epoch-0004.params", "epoch-0004.states"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: the evaluation's inference path
+
+def test_validation_is_what_evaluating_the_exported_model_gives(fitted, tmp_path):
+    """The same weights exported with GluonCV's stock head and evaluated like the evaluate_voc
+    stage does (load_detector + detect_voc + score_voc07) give the validation mAP exactly."""
+    import mxnet as mx
+
+    from stages.export import check_input, export_block
+    from stages.heads import HeadSpec, make_detector
+    from stages.inference import load_symbol_block
+    from stages.models import GLUONCV_MEAN, GLUONCV_STD
+    from stages.voc import as_triples, detect_voc, labels, score_voc07
+
+    net, history, p, ckpt, val_set = fitted
+    validated = validate(net, val_set, p, CLASSES, [mx.cpu()])
+    assert validated == history[-1]["map"] and validated > 0.0  # real detections, some right
+    copy = build_detector(p.network, CLASSES, p.pretrained_base, p.seed)  # the fitted weights
+    copy.load_parameters(str(ckpt / "epoch-0004.params"))
+    prefix = tmp_path / "fp32"
+    stock = make_detector(copy, HeadSpec("gluoncv", prefilter_topk=False), p.data_shape)
+    export_block(stock, prefix, check_input(p.data_shape))
+    exported = load_symbol_block(prefix)
+    exported.hybridize(static_alloc=True, static_shape=True)
+    meta = {"data_shape": p.data_shape, "mean": GLUONCV_MEAN, "std": GLUONCV_STD}
+    detections, _, _ = detect_voc(exported, meta, val_set, len(val_set), batch_size=3)
+    evaluated = score_voc07(as_triples(detections), labels(val_set), CLASSES)["map"]
+    assert evaluated == pytest.approx(validated, abs=1e-9)
+
+
+def gluoncv_validation_map(net, dataset, data_shape: int, batch_size: int) -> float:
+    """VOC07 mAP as GluonCV's train_ssd.py validates: its DataLoader with SSDDefaultValTransform,
+    boxes clipped to the data_shape frame, VOC07MApMetric (written out here as the reference)."""
+    from gluoncv.data.batchify import Pad, Stack, Tuple
+    from gluoncv.data.transforms.presets.ssd import SSDDefaultValTransform
+    from gluoncv.utils.metrics.voc_detection import VOC07MApMetric
+    from mxnet import cpu, gluon
+
+    loader = gluon.data.DataLoader(dataset.transform(SSDDefaultValTransform(data_shape,
+                                                                            data_shape)),
+                                   batch_size, shuffle=False, last_batch="keep",
+                                   batchify_fn=Tuple(Stack(), Pad(pad_val=-1)))
+    metric = VOC07MApMetric(iou_thresh=0.5, class_names=CLASSES)
+    net.set_nms(nms_thresh=0.45, nms_topk=400)
+    for data, label in loader:
+        ids, scores, bboxes = net(data.as_in_context(cpu()))
+        metric.update(bboxes.clip(0, data_shape), ids, scores, label.slice_axis(-1, 0, 4),
+                      label.slice_axis(-1, 4, 5), label.slice_axis(-1, 5, 6))
+    return 100.0 * metric.get()[1][-1]
+
+
+def test_validation_matches_gluoncvs_own_on_images_of_the_input_size(fitted):
+    """With images already data_shape x data_shape (as in the demo) the frames coincide, and
+    the shared path gives GluonCV's train_ssd.py validation mAP to the last digit."""
+    import mxnet as mx
+
+    net, _, p, _, val_set = fitted
+    reference = gluoncv_validation_map(net, val_set, p.data_shape, p.batch_size)
+    assert validate(net, val_set, p, CLASSES, [mx.cpu()]) == pytest.approx(reference, abs=1e-9)

@@ -1,0 +1,34 @@
+"""Shared material of the training tests: a small train.voc section and a tiny VOC devkit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CLASSES = ["rectangle", "ellipse", "triangle"]
+SIZE = 128  # the demo SSD's base size
+
+
+def train_params(**overrides) -> dict:
+    """A small train.voc section: demo SSD, 64 px, few images and epochs."""
+    params = {
+        "network": "demo_ssd", "pretrained_base": "none", "classes": CLASSES,
+        "splits": [[2007, "trainval"]], "val_split": [2007, "test"], "data_shape": SIZE,
+        "batch_size": 8, "epochs": 5, "lr": 0.05, "lr_decay": 0.1, "lr_decay_epochs": [4],
+        "schedule": "step", "warmup_epochs": 1, "momentum": 0.9, "wd": 0.0005,
+        "augment": "flip", "devices": ["cpu"], "num_workers": 0, "seed": 11,
+        "checkpoint_interval": 1, "val_interval": 2, "val_max_images": 0,
+    }
+    params.update(overrides)
+    return params
+
+
+def write_devkit(root: Path) -> Path:
+    """VOCdevkit/VOC2007 under ``root``: 32 trainval images (its first 16 also as 'train'),
+    8 test images."""
+    from stages.dataset_files import write_voc
+    from stages.synthetic import make_samples
+
+    devkit = root / "VOCdevkit"
+    train = make_samples(32, CLASSES, SIZE, 3, seed=5)
+    test = make_samples(8, CLASSES, SIZE, 3, seed=5, first_index=32)
+    write_voc(devkit, 2007, {"trainval": train, "train": train[:16], "test": test}, CLASSES)
+    return devkit
