@@ -288,7 +288,8 @@ def _supervise(job: _Job, timeout_s: float, linger_s: float) -> None:
 
 def _ssh_hint(node: _Node) -> str:
     if node.spec.host != LOCAL_HOST and node.code == 255:
-        return f" (ssh to {node.spec.host} failed: connection or authentication error)"
+        return (f" (ssh's code for a failed connection to {node.spec.host}, or for a remote "
+                "process killed by a signal)")
     return ""
 
 

@@ -19,6 +19,13 @@ with the same params and data resumes from the latest one and ends with the same
 metrics as an uninterrupted run. Checkpoints of other params/data are ignored (and replaced)
 (``stages/checkpoints.py``).
 
+Distributed (``distributed.kvstore: dist_sync | dist_device_sync``, ``stages/cluster.py``): this
+same command checks the settings, then runs the training as a parameter-server job
+(``stages/train_job.py``): a scheduler, servers and workers — each this module again, with
+``--role`` — on this machine or over ssh; every worker trains on its part of each global batch,
+the kvstore averages the gradients, worker 0 writes everything below. Off (``device`` |
+``local``), the stage runs in this one process exactly as it always has.
+
 Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance);
 ``--metrics``: ``acc`` (anchor accuracy averaged over all training anchors, see
 ``training.summarize``), ``loss`` (last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -36,12 +44,15 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field, model_validator
 
 from stages.checkpoints import fingerprint
+from stages.cluster import DistributedParams
 from stages.common import (StageError, atomic_path, library_versions, main_guard, round_floats,
                            seed_everything, write_json)
-from stages.config import Section, load_branch
+from stages.config import ParamsError, Section, load_branch
 from stages.inference import configure_threads
 from stages.live import live_logger, open_live
 from stages.models import build_detector, check_input_size
+from stages.parallel import Heartbeat, Solo, connect, exit_now_on_failure, exit_with_parent, serve
+from stages.train_job import FINGERPRINT_ENV, PARAMS_ENV, StagePaths, launch
 from stages.training import contexts, fit, summarize
 from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
@@ -78,6 +89,8 @@ class TrainParams(Section):
     # OpenMP threads on CPU (0 = all cores). CPU results depend on it (float reductions are
     # split by thread), so a reproducible CPU run pins it.
     threads: int = Field(default=0, ge=0)
+    # One process (kvstore device | local), or a parameter-server job (stages/cluster.py).
+    distributed: DistributedParams
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
@@ -91,6 +104,11 @@ class TrainParams(Section):
         if self.batch_size % len(self.devices):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number "
                              f"of devices ({len(self.devices)})")
+        shares = self.distributed.workers * len(self.devices)
+        if self.batch_size % shares:  # each worker takes an equal part of every global batch
+            raise ValueError(f"batch_size {self.batch_size} (the global batch) must be a "
+                             f"multiple of distributed.workers x devices ({shares}): more "
+                             "workers than equal shares of a batch")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes must be unique (got {self.classes})")
         if self.warmup_epochs >= self.epochs and self.schedule == "cosine":
@@ -109,35 +127,80 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", required=True, type=Path, help="dvclive directory")
     parser.add_argument("--metrics", required=True, type=Path, help="training metrics json")
     parser.add_argument("--speed", required=True, type=Path, help="training speed json")
+    # set by the distributed launcher (stages/train_job.py) for the processes of the job
+    parser.add_argument("--role", choices=("scheduler", "server", "worker"), help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    p = load_branch("train", args.branch, TrainParams)
+    if args.role in ("scheduler", "server"):
+        serve()  # ends the process when the job is over
+    if args.role == "worker":
+        exit_with_parent()
+        return exit_now_on_failure(lambda: train(args, worker_params()))
+    for name in [k for k in os.environ if k.startswith("DMLC_")]:  # MXNet would act on them
+        log.warning("ignoring %s from the environment (the launcher sets the roles)", name)
+        del os.environ[name]
+    return train(args, load_branch("train", args.branch, TrainParams))
+
+
+def worker_params() -> TrainParams:
+    """The launcher's validated params (identical on every host, whatever its params.yaml)."""
+    try:
+        return TrainParams.model_validate_json(os.environ[PARAMS_ENV])
+    except (KeyError, ValueError) as exc:
+        raise ParamsError(f"a worker needs the launcher's params in {PARAMS_ENV} ({exc})") from None
+
+
+def train(args: argparse.Namespace, p: TrainParams) -> int:
+    """Train in this process (alone, or as worker ``args.rank``), or launch the job."""
+    dist, worker = p.distributed, args.role == "worker"
     configure_threads(p.threads)  # before MXNet is imported: OpenMP reads it once
     seed_everything(p.seed)
     classes = tuple(p.classes or VOC_CLASSES)
-    ctx = contexts(p.devices)
     train_set = load_voc(args.data, p.splits, classes)
     indices = [i for i, lab in enumerate(labels(train_set)) if len(lab)]
     if not indices:
         raise StageError(f"no image of {p.splits} under {args.data} has an object of {classes}")
     if len(indices) < len(train_set):
         log.warning("skipping %d training images without objects", len(train_set) - len(indices))
-    val_set = load_voc(args.data, [p.val_split], classes) if p.val_interval else None
     ids = [image_ids(train_set)[i] for i in indices]
-    log.info("training %s on %d images of %s for %d epochs on %s", p.network, len(indices),
-             p.splits, p.epochs, ctx)
+    digest = fingerprint(p.model_dump(), classes, ids)
+    if dist.enabled and not worker:
+        paths = StagePaths(args.data, args.out, args.checkpoints, args.live, args.metrics,
+                           args.speed)
+        launch(args.branch, paths, p.model_dump_json(), dist, p.threads, len(indices), digest)
+        return 0
+    if worker and digest != os.environ.get(FINGERPRINT_ENV):
+        raise StageError(f"worker {args.rank}: its training images under {args.data} (or its "
+                         "params) differ from the launcher's; every host needs the same data "
+                         "(shared storage, or dvc pull on each host)")
+    group = connect(dist.kvstore, args.rank, dist.workers) if worker else Solo(dist.kvstore)
+    lead = group.rank == 0
+    ctx = contexts(p.devices)
+    val_set = load_voc(args.data, [p.val_split], classes) if p.val_interval and lead else None
+    log.info("training %s on %d images of %s for %d epochs on %s%s", p.network, len(indices),
+             p.splits, p.epochs, ctx, f" (worker {group.rank} of {group.size})" if worker else "")
     net = build_detector(p.network, classes, p.pretrained_base, p.seed)
     check_input_size(net, p.data_shape)
-    digest = fingerprint(p.model_dump(), classes, ids)
-
-    live = open_live(args.live)
+    beat = Heartbeat(dist.progress_timeout_s / 4) if worker else None
+    progress = (lambda e, b: beat(lambda: f"epoch {e + 1}/{p.epochs}, batch {b + 1}")) \
+        if beat else None
+    live = open_live(args.live) if lead else None
     try:
         history = fit(net, train_set, indices, val_set, p, classes, ctx, args.checkpoints,
-                      digest, live_logger(live))
-        live.end()
+                      digest, live_logger(live) if live else lambda r: None, group, progress)
+        if live:
+            live.end()
     except BaseException:
-        shutil.rmtree(args.live, ignore_errors=True)  # nothing partial is left behind
+        if live:
+            shutil.rmtree(args.live, ignore_errors=True)  # nothing partial is left behind
         raise
+    if lead:
+        write_outputs(args, p, net, classes, ids, digest, history)
+    return 0
 
+
+def write_outputs(args, p: TrainParams, net, classes, ids, digest: str, history) -> None:
+    """The trained model (with provenance), the metrics and the speed file."""
     metrics = summarize(history)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
@@ -156,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("trained %d epochs: anchor acc %.4f (training average), final loss %.4f, "
              "%.1f img/s; model in %s", metrics["epochs"], metrics["acc"], metrics["loss"],
              speed["images_per_s"], args.out)
-    return 0
 
 
 if __name__ == "__main__":

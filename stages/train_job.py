@@ -79,4 +79,4 @@ def launch(branch: str, paths: StagePaths, params_json: str, dp: DistributedPara
         missing = [str(getattr(paths, n)) for n in STAGED if not getattr(staged, n).exists()]
         if missing:
             raise StageError(f"the job ended but worker 0 wrote no {', '.join(missing)}")
-    log.info("distributed training done; outputs published")
+    log.info("published %s", ", ".join(str(getattr(paths, n)) for n in STAGED))

@@ -247,5 +247,5 @@ def test_remote_nodes_run_through_ssh_and_die_with_the_job(tmp_path, fake_ssh):
 def test_ssh_connection_failure_is_named(tmp_path, fake_ssh):
     spec = NodeSpec("worker 1", ("sh", "-c", "exit 255"), {}, host="gpu-host-9",
                     cwd=str(tmp_path), watched=True)
-    with pytest.raises(JobFailed, match="ssh to gpu-host-9 failed"):
+    with pytest.raises(JobFailed, match="ssh's code for a failed connection to gpu-host-9"):
         run_job([spec], progress_timeout_s=60, out=io.StringIO())
