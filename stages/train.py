@@ -52,7 +52,8 @@ from stages.inference import configure_threads
 from stages.live import live_logger, open_live
 from stages.models import build_detector, check_input_size
 from stages.parallel import Heartbeat, Solo, connect, exit_now_on_failure, exit_with_parent, serve
-from stages.train_job import FINGERPRINT_ENV, PARAMS_ENV, StagePaths, launch
+from stages.train_job import (CODE_ENV, FINGERPRINT_ENV, PARAMS_ENV, StagePaths, code_digest,
+                              launch)
 from stages.training import contexts, fit, summarize
 from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
@@ -169,6 +170,9 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
                            args.speed)
         launch(args.branch, paths, p.model_dump_json(), dist, p.threads, len(indices), digest)
         return 0
+    if worker and os.environ.get(CODE_ENV) != code_digest():
+        raise StageError(f"worker {args.rank}: its code (stages/*.py in {os.getcwd()}) differs "
+                         "from the launcher's; every host needs the same checkout")
     if worker and digest != os.environ.get(FINGERPRINT_ENV):
         raise StageError(f"worker {args.rank}: its training images under {args.data} (or its "
                          "params) differ from the launcher's; every host needs the same data "
@@ -179,7 +183,9 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
     val_set = load_voc(args.data, [p.val_split], classes) if p.val_interval and lead else None
     log.info("training %s on %d images of %s for %d epochs on %s%s", p.network, len(indices),
              p.splits, p.epochs, ctx, f" (worker {group.rank} of {group.size})" if worker else "")
-    net = build_detector(p.network, classes, p.pretrained_base, p.seed)
+    # Workers start from worker 0's weights (checkpoints.restore): only worker 0 needs the
+    # pretrained base (a download, or a local file), the other hosts only the data.
+    net = build_detector(p.network, classes, p.pretrained_base if lead else "none", p.seed)
     check_input_size(net, p.data_shape)
     beat = Heartbeat(dist.progress_timeout_s / 4) if worker else None
     progress = (lambda e, b: beat(lambda: f"epoch {e + 1}/{p.epochs}, batch {b + 1}")) \

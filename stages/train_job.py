@@ -6,9 +6,10 @@ scheduler, the servers and the workers (``stages.launcher``: local processes or 
 their logs and fails — killing them all — if one fails or the job stops making progress.
 
 Every node runs this same stage module with ``--role``. The workers get the launcher's validated
-params (``PARAMS_ENV``, so a host with another params.yaml cannot change them) and the
-fingerprint of the launcher's params and image list (``FINGERPRINT_ENV``: a host whose data
-differs refuses to start). Worker 0 runs here and writes the stage's outputs, into temporary
+params (``PARAMS_ENV``, so a host with another params.yaml cannot change them), the fingerprint
+of the launcher's params and image list (``FINGERPRINT_ENV``: a host whose data differs
+refuses to start) and the digest of its code (``CODE_ENV``: so does a host whose checkout
+differs). Worker 0 runs here and writes the stage's outputs, into temporary
 paths beside them; they replace the declared outputs only once every process of the job has
 ended well, so a failed job publishes nothing (checkpoints are written in place, as always:
 they are the resume state).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PARAMS_ENV = "SSD_REPRO_TRAIN_PARAMS"
 FINGERPRINT_ENV = "SSD_REPRO_TRAIN_FINGERPRINT"
+CODE_ENV = "SSD_REPRO_CODE"
 STAGED = ("out", "live", "metrics", "speed")  # outputs worker 0 writes to temporary paths
 
 
@@ -52,6 +55,16 @@ class StagePaths:
                 "--metrics", str(self.metrics), "--speed", str(self.speed)]
 
 
+def code_digest() -> str:
+    """Digest of the project's code: every ``.py`` file of the ``stages`` package."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def node_command(branch: str, paths: StagePaths, role: str, rank: Optional[int]) -> list[str]:
     """``python -m stages.train <branch> <paths> --role R [--rank N]`` with this venv's python."""
     argv = [sys.executable, "-m", "stages.train", branch, *paths.argv(), "--role", role]
@@ -69,7 +82,8 @@ def launch(branch: str, paths: StagePaths, params_json: str, dp: DistributedPara
     with contextlib.ExitStack() as stack:
         staged = dataclasses.replace(paths, **{name: stack.enter_context(
             atomic_path(getattr(paths, name))) for name in STAGED})
-        env = {PARAMS_ENV: params_json, FINGERPRINT_ENV: digest, "PYTHONUNBUFFERED": "1"}
+        env = {PARAMS_ENV: params_json, FINGERPRINT_ENV: digest, CODE_ENV: code_digest(),
+               "PYTHONUNBUFFERED": "1"}
         nodes = job_nodes(place(dp.workers, dp.servers, hosts), dp, scheduler_ip, threads,
                           lambda pl: node_command(branch, staged, pl.role, pl.rank), env, cwd)
         log.info("starting %s (%s): scheduler on %s:%d, %d server(s), %d worker(s) on %s",

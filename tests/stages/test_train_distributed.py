@@ -24,7 +24,7 @@ import yaml
 
 from stages.common import run_stage
 from stages.train import main
-from stages.train_job import FINGERPRINT_ENV, PARAMS_ENV
+from stages.train_job import CODE_ENV, FINGERPRINT_ENV, PARAMS_ENV, code_digest
 from tests.stages.train_helpers import distributed, train_params, write_devkit
 
 HANG_GUARD_S = 600  # a broken job would hang: fail the test instead (never reached when working)
@@ -250,18 +250,24 @@ def test_a_killed_worker_fails_the_stage_and_the_rerun_resumes(devkit, tmp_path,
     assert resumed["metrics"] == dist2["metrics"] and resumed["params"] == dist2["params"]
 
 
-def test_a_worker_whose_data_differs_from_the_launchers_refuses_to_start(devkit, tmp_path):
-    """(Another host with other images, or other code computing the fingerprint.)"""
+@pytest.mark.parametrize("wrong, needle", [
+    (FINGERPRINT_ENV, "worker 1: its training images under"),  # another host's other images
+    (CODE_ENV, "worker 1: its code (stages/*.py in"),  # another host's other checkout
+])
+def test_a_worker_unlike_the_launcher_refuses_to_start(devkit, tmp_path, wrong, needle):
+    from stages.train import TrainParams, fingerprint
+
     train = params(workers=2)
     cmd = setup(tmp_path, devkit, train) + ["--role", "worker", "--rank", "1"]
-    from stages.train import TrainParams
+    p = TrainParams.model_validate(train)
+    from stages.voc import image_ids, load_voc
 
-    env = {**os.environ, PARAMS_ENV: TrainParams.model_validate(train).model_dump_json(),
-           FINGERPRINT_ENV: "0" * 64}
+    ids = image_ids(load_voc(devkit, p.splits, tuple(p.classes)))
+    env = {**os.environ, PARAMS_ENV: p.model_dump_json(), CODE_ENV: code_digest(),
+           FINGERPRINT_ENV: fingerprint(p.model_dump(), p.classes, ids), wrong: "0" * 64}
     done = run(tmp_path, cmd, env=env)
-    assert done["code"] == 1
-    assert "worker 1: its training images under" in done["log"]
-    assert "differ from the launcher's" in done["log"]
+    assert done["code"] == 1, done["log"][-2000:]
+    assert needle in done["log"] and "differ" in done["log"]
 
 
 # ---------------------------------------------------------------------------------------------
