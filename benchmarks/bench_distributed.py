@@ -14,7 +14,8 @@ ways, each worker with one OpenMP thread:
 
 ``images_per_s`` is the stage's own figure (metrics/speed_train_voc.json: images trained over
 the seconds of the training loops, all workers' images over worker 0's time), ``wall_s`` the
-whole stage (process start-up, data loading, job set-up). Scaling efficiency is
+whole stage (process start-up, data loading, job set-up), ``cpu_s`` the CPU seconds of the
+stage and every process of its job (user + system). Scaling efficiency is
 ``dist2 / (2 x dist1)``: 1.0 means two workers train twice as fast as one. On a 2-core
 machine shared with the scheduler, the server and anything else running, expect well below
 1.0; the load average is recorded before and after.
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -80,16 +82,18 @@ def run(workdir: Path, devkit: Path, params: dict) -> dict:
     cmd = [sys.executable, "-m", "stages.train", "voc", "--data", str(devkit),
            "--out", "model/trained", "--checkpoints", "model/checkpoints", "--live", "live",
            "--metrics", "metrics/train_voc.json", "--speed", "metrics/speed_train_voc.json"]
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and every job process
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"the train stage failed ({proc.returncode}) in {workdir}")
     speed = json.loads((workdir / "metrics/speed_train_voc.json").read_text())
     metrics = json.loads((workdir / "metrics/train_voc.json").read_text())
     return {"images_per_s": round(speed["images_per_s"], 2), "wall_s": round(wall, 1),
-            "acc": metrics["acc"], "loss": metrics["loss"]}
+            "cpu_s": round(cpu, 1), "acc": metrics["acc"], "loss": metrics["loss"]}
 
 
 def main() -> int:
@@ -115,10 +119,11 @@ def main() -> int:
     report["speedup_vs_single"] = round(
         runs["dist2"]["images_per_s"] / runs["single"]["images_per_s"], 3)
     print(f"CPU: {report['cpu']} ({report['cores']} cores); load {report['load_before']}")
-    print(f"{'run':8s} {'workers':>7s} {'images/s':>9s} {'wall s':>7s}")
+    print(f"{'run':8s} {'workers':>7s} {'images/s':>9s} {'wall s':>7s} {'cpu s':>7s}")
     for name, workers in (("single", 1), ("dist1", 1), ("dist2", 2)):
         r = runs[name]
-        print(f"{name:8s} {workers:7d} {r['images_per_s']:9.2f} {r['wall_s']:7.1f}")
+        print(f"{name:8s} {workers:7d} {r['images_per_s']:9.2f} {r['wall_s']:7.1f} "
+              f"{r['cpu_s']:7.1f}")
     print(f"scaling efficiency dist2 / (2 x dist1): {report['scaling_efficiency']:.3f}; "
           f"dist2 / single: {report['speedup_vs_single']:.3f}")
     print(json.dumps(report, indent=2))

@@ -10,12 +10,13 @@ lost a worker does not fail by itself: the others wait in a push/pull forever).
 No orphans: each node runs in a process group (session) of its own, and stopping kills whole
 groups (SIGTERM, then SIGKILL after a grace period), so children a node forked (DataLoader
 workers) go too. Each node's stdin is a pipe the launcher never writes: a node that calls
-``stages.parallel.exit_with_parent()`` kills its own group when that pipe closes, which is what happens when the
-launcher dies, even by SIGKILL, and — through ssh, which forwards the end of its stdin — on a
-remote host when the local ``ssh`` process is killed.
+``stages.parallel.exit_with_parent()`` kills its own group when that pipe closes, which is what
+happens when the launcher dies, even by SIGKILL, and — through ssh, which forwards the end of
+its stdin — on a remote host when the local ``ssh`` process is killed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import selectors
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Mapping, Optional, Sequence, TextIO
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TextIO
 
 from stages.common import StageError
 
@@ -110,17 +111,13 @@ class _Node:
         """Whether any process of the node's group is left (the leader reaped or not)."""
         try:
             os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
+            return True
+        except (ProcessLookupError, PermissionError):  # gone, or the id is someone else's now
             return False
-        except PermissionError:  # the id now belongs to someone else's group
-            return False
-        return True
 
     def signal_group(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class _Job:
@@ -198,11 +195,8 @@ class _Job:
         children of a finished node included), all killed.
         """
         for node in self.nodes:
-            if node.proc.stdin and not node.proc.stdin.closed:
-                try:
-                    node.proc.stdin.close()
-                except OSError:
-                    pass
+            with contextlib.suppress(OSError):
+                node.proc.stdin.close()
         self.reap()
         leftover = [n for n in self.nodes if n.code is None or n.group_alive()]
         for node in leftover:
@@ -297,28 +291,24 @@ class JobInterrupted(JobFailed):
     """The launcher got SIGTERM/SIGHUP (e.g. `dvc repro` was stopped)."""
 
 
-class _signals_as_errors:
+@contextlib.contextmanager
+def _signals_as_errors() -> Iterator[None]:
     """While running: SIGTERM/SIGHUP raise JobInterrupted, so the job's processes are killed.
 
     (Python's default for those signals ends the interpreter without running ``finally``.)
     Only possible in the main thread; elsewhere the handlers are left alone.
     """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-    def __enter__(self):
-        self.saved = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.saved[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, _frame):
-        raise JobInterrupted(f"stopped by {signal.Signals(signum).name}; "
-                             "killing every process of the job")
-
-    def __exit__(self, *exc):
-        for sig, handler in self.saved.items():
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
             signal.signal(sig, handler)
-        return False
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise JobInterrupted(f"stopped by {signal.Signals(signum).name}; "
+                         "killing every process of the job")
