@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -43,6 +44,14 @@ def fingerprint(params: Mapping[str, Any], classes: Sequence[str], ids: Sequence
     blob = json.dumps({"params": knobs, "classes": list(classes), "images": list(ids)},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_checkpoint_entry(entry) -> bool:
+    """A file this module writes in the checkpoint directory (or its temp file)."""
+    name = entry.name
+    return entry.is_file(follow_symlinks=False) and (
+        re.fullmatch(r"epoch-\d{4}\.(params|states|json)", name) is not None
+        or re.fullmatch(r"\.epoch-\d{4}\.(params|states|json)\.\w+\.tmp", name) is not None)
 
 
 def checkpoint_paths(directory: Path, epoch: int) -> dict[str, Path]:

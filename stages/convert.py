@@ -22,7 +22,9 @@ from stages.common import file_digest, library_versions, main_guard
 from stages.config import ParamsError, Section, load_branch
 from stages.export import StagingDir, check_input, export_block, publish, verify_roundtrip
 from stages.heads import STOCK_SCORE_THRESH, STOCK_VARIANCES, HeadSpec, make_detector
+from stages.inference import model_outputs
 from stages.models import Source, load_ssd
+from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if (p.weights == "trained") != (args.trained is not None):
         raise ParamsError(f"convert.{args.branch}.weights is {p.weights!r}: --trained "
                           f"{'is required' if p.weights == 'trained' else 'must not be given'}")
+    check_outputs(files=model_outputs(args.out),
+                  inputs={"--trained": [args.trained] if args.trained else []})
     meta = convert(p, args.out, args.trained)
     log.info("wrote %s-{symbol.json,0000.params,meta.json} (%s, %d classes, head %s)",
              args.out, meta["network"], len(meta["classes"]), meta["head"])

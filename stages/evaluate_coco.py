@@ -30,8 +30,9 @@ from stages.common import dumps_json, file_digest, library_versions, main_guard,
     write_json
 from stages.config import Section, load_branch
 from stages.eval_outputs import csv_text, expect_precision, latency_summary, write_eval_dir
-from stages.inference import configure_threads, detect_all, load_detector, read_meta, \
-    subgraph_backend
+from stages.inference import (configure_threads, detect_all, load_detector, model_files,
+                              read_meta, subgraph_backend)
+from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-dir", required=True, type=Path, help="detections, tables, samples")
     args = parser.parse_args(argv)
     p = load_branch("evaluate", args.branch, EvaluateParams)
+    check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
+                  dirs={"--eval-dir": args.eval_dir},
+                  inputs={"--model": model_files(args.model), "--images": args.images,
+                          "--annotations": args.annotations})
     threads = configure_threads(p.threads)  # before MXNet is imported (load_detector)
     meta = read_meta(args.model)
     expect_precision(meta, args.model, args.precision)

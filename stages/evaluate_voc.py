@@ -31,7 +31,8 @@ from stages.common import dumps_json, file_digest, library_versions, main_guard,
     write_json
 from stages.config import Section, load_branch
 from stages.eval_outputs import csv_text, expect_precision, latency_summary, write_eval_dir
-from stages.inference import configure_threads, load_detector, read_meta
+from stages.inference import configure_threads, load_detector, model_files, read_meta
+from stages.outputs import check_outputs
 from stages.voc import (Split, as_triples, detect_voc, detections_records, image_ids,
                         image_items, labels, load_voc, per_class_rows, pr_rows, score_voc07)
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="per-class AP, PR curve, detections, samples")
     args = parser.parse_args(argv)
     p = load_branch("evaluate", args.branch, EvaluateVocParams)
+    check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
+                  dirs={"--eval-dir": args.eval_dir},
+                  inputs={"--model": model_files(args.model), "--data": args.data})
 
     threads = configure_threads(p.threads)  # before MXNet is imported
     meta = read_meta(args.model)

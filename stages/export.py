@@ -18,7 +18,7 @@ import mxnet as mx
 import numpy as np
 
 from stages.common import StageError, write_json
-from stages.inference import load_symbol_block
+from stages.inference import load_symbol_block, model_files
 
 def check_input(data_shape: int, batch: int = 2):
     """A fixed, deterministic input (a smooth pattern plus noise) for the export checks."""
@@ -70,12 +70,6 @@ def verify_roundtrip(prefix: Path, x, expected: list, atol: float) -> None:
     reason = compare_outputs(expected, got, atol)
     if reason:
         raise StageError(f"exported model {prefix} differs from the Gluon block: {reason}")
-
-
-def model_files(prefix: Path) -> list[Path]:
-    """The three files of a symbolic model at ``prefix``."""
-    return [Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"),
-            Path(f"{prefix}-meta.json")]
 
 
 def publish(tmp_prefix: Path, prefix: Path, meta: dict) -> None:

@@ -65,6 +65,17 @@ def configure_threads(threads: int) -> int:
     return n
 
 
+def model_outputs(prefix: Path) -> dict[str, Path]:
+    """The files of a symbolic model at ``prefix``, named for output checks."""
+    return {f"--out ({path.name})": path for path in model_files(prefix)}
+
+
+def model_files(prefix: Path) -> list[Path]:
+    """The three files of a symbolic model at ``prefix``."""
+    return [Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"),
+            Path(f"{prefix}-meta.json")]
+
+
 def read_meta(prefix: str | Path) -> dict:
     """``<prefix>-meta.json`` of a symbolic model."""
     path = Path(f"{prefix}-meta.json")

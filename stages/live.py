@@ -19,6 +19,27 @@ def live_logger(live) -> Callable[[dict], None]:
     return log_epoch
 
 
+# What dvclive writes in its directory (with report=None, dvcyaml=None): nothing else is ours.
+LIVE_ENTRIES = ("metrics.json", "plots", "params.yaml", "report.html", "report.md", "dvc.yaml")
+
+
+def is_live_entry(entry) -> bool:
+    """An entry dvclive writes in the train stage's live directory."""
+    return entry.name in LIVE_ENTRIES
+
+
+def remove_live(directory: Path) -> None:
+    """Remove what dvclive wrote (a failed run leaves no partial curves); nothing else."""
+    from stages.outputs import MARKER, remove_path
+
+    for name in LIVE_ENTRIES:
+        path = directory / name
+        if path.exists() or path.is_symlink():
+            remove_path(path)
+    if directory.is_dir() and [p.name for p in directory.iterdir()] == [MARKER]:
+        remove_path(directory)  # only the marker left: the directory was this stage's
+
+
 def open_live(directory: Path):
     """A dvclive ``Live`` that only writes its directory.
 

@@ -26,7 +26,9 @@ from pydantic import Field, model_validator
 from stages.common import StageError, atomic_path, file_digest, main_guard, seed_everything
 from stages.config import Section, load_branch
 from stages.export import StagingDir, check_input, export_block, publish, verify_roundtrip
-from stages.inference import ImageItem, load_batch, load_symbol_block, read_meta
+from stages.inference import (ImageItem, load_batch, load_symbol_block, model_files, model_outputs,
+                              read_meta)
+from stages.outputs import check_outputs
 from stages.quantization import (build_meta, excluded_layers, list_images, pick_calibration,
                                  quantize, quantized_layers, stderr_to)
 
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", required=True, type=Path, help="calibration log file")
     args = parser.parse_args(argv)
     p = load_branch("quantize", args.branch, QuantizeParams)
+    check_outputs(files={**model_outputs(args.out), "--log": args.log},
+                  inputs={"--fp32": model_files(args.fp32), "--images": args.images,
+                          "--image-list": [args.image_list] if args.image_list else []})
     seed_everything(p.seed)
     run(p, args.fp32, args.out, args.images, args.image_list, args.log)
     return 0

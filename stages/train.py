@@ -37,20 +37,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from stages.checkpoints import fingerprint
+from stages.checkpoints import fingerprint, is_checkpoint_entry
 from stages.cluster import DistributedParams
 from stages.common import (StageError, atomic_path, library_versions, main_guard, round_floats,
                            seed_everything, write_json)
 from stages.config import ParamsError, Section, load_branch
 from stages.inference import configure_threads
-from stages.live import live_logger, open_live
+from stages.live import is_live_entry, live_logger, open_live, remove_live
 from stages.models import build_detector, check_input_size
+from stages.outputs import check_outputs, claim_dir
 from stages.parallel import Heartbeat, Solo, connect, exit_now_on_failure, exit_with_parent, serve
 from stages.train_job import (CODE_ENV, FINGERPRINT_ENV, PARAMS_ENV, StagePaths, code_digest,
                               launch)
@@ -140,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in [k for k in os.environ if k.startswith("DMLC_")]:  # MXNet would act on them
         log.warning("ignoring %s from the environment (the launcher sets the roles)", name)
         del os.environ[name]
-    return train(args, load_branch("train", args.branch, TrainParams))
+    p = load_branch("train", args.branch, TrainParams)
+    check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
+                  dirs={"--out": args.out},
+                  own_dirs={"--checkpoints": args.checkpoints, "--live": args.live},
+                  inputs={"--data": args.data})
+    return train(args, p)
 
 
 def worker_params() -> TrainParams:
@@ -149,6 +154,12 @@ def worker_params() -> TrainParams:
         return TrainParams.model_validate_json(os.environ[PARAMS_ENV])
     except (KeyError, ValueError) as exc:
         raise ParamsError(f"a worker needs the launcher's params in {PARAMS_ENV} ({exc})") from None
+
+
+def claim_outputs(args: argparse.Namespace) -> None:
+    """Take the directories the stage writes into (created, or checked to hold only ours)."""
+    claim_dir(args.checkpoints, "--checkpoints", is_checkpoint_entry)
+    claim_dir(args.live, "--live", is_live_entry)
 
 
 def train(args: argparse.Namespace, p: TrainParams) -> int:
@@ -168,7 +179,12 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
     if dist.enabled and not worker:
         paths = StagePaths(args.data, args.out, args.checkpoints, args.live, args.metrics,
                            args.speed)
-        launch(args.branch, paths, p.model_dump_json(), dist, p.threads, len(indices), digest)
+        try:
+            launch(args.branch, paths, p.model_dump_json(), dist, p.threads, len(indices),
+                   digest, claim=lambda: claim_outputs(args))
+        except BaseException:
+            remove_live(args.live)  # as below: no partial curves (the job wrote none here)
+            raise
         return 0
     if worker and os.environ.get(CODE_ENV) != code_digest():
         raise StageError(f"worker {args.rank}: its code (stages/*.py in {os.getcwd()}) differs "
@@ -179,6 +195,8 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
                          "(shared storage, or dvc pull on each host)")
     group = connect(dist.kvstore, args.rank, dist.workers) if worker else Solo(dist.kvstore)
     lead = group.rank == 0
+    if lead:  # worker 0's --live is the launcher's temporary path; the others write nothing
+        claim_outputs(args)
     ctx = contexts(p.devices)
     val_set = load_voc(args.data, [p.val_split], classes) if p.val_interval and lead else None
     log.info("training %s on %d images of %s for %d epochs on %s%s", p.network, len(indices),
@@ -197,8 +215,8 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
         if live:
             live.end()
     except BaseException:
-        if live:
-            shutil.rmtree(args.live, ignore_errors=True)  # nothing partial is left behind
+        if lead:
+            remove_live(args.live)  # nothing partial is left behind (only dvclive's own files)
         raise
     if lead:
         write_outputs(args, p, net, classes, ids, digest, history)

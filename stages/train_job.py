@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 from stages.cluster import (DistributedParams, check_reachable, check_scheduler_address,
                             check_shards, job_nodes, place, read_hosts)
@@ -72,13 +72,16 @@ def node_command(branch: str, paths: StagePaths, role: str, rank: Optional[int])
 
 
 def launch(branch: str, paths: StagePaths, params_json: str, dp: DistributedParams,
-           threads: int, images: int, digest: str, out: Optional[TextIO] = None) -> None:
-    """Check the settings, run the job, publish worker 0's outputs (see the module doc)."""
+           threads: int, images: int, digest: str, claim: Callable[[], None],
+           out: Optional[TextIO] = None) -> None:
+    """Check the settings, ``claim()`` the output directories, run the job, publish worker 0's
+    outputs (see the module doc)."""
     check_shards(dp.workers, images)
     hosts = read_hosts(dp.hosts)
     scheduler_ip = check_scheduler_address(dp.scheduler_host, dp.scheduler_port)
     cwd = os.getcwd()
     check_reachable(scheduler_ip, hosts, sys.executable, cwd)
+    claim()
     with contextlib.ExitStack() as stack:
         staged = dataclasses.replace(paths, **{name: stack.enter_context(
             atomic_path(getattr(paths, name))) for name in STAGED})

@@ -86,3 +86,14 @@ def test_trained_dir_must_match_the_weights_param(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "convert.coco.weights is" in err and "--trained must not be given" in err
     assert not list(tmp_path.glob("m*"))
+
+
+def test_an_output_path_it_does_not_own_is_refused_before_any_work(tmp_path, capfd):
+    write_params(tmp_path, convert=convert_params(tmp_path / "absent.params"))
+    taken = tmp_path / "m-meta.json"  # a directory where the stage writes a file
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m"]) == 2
+    assert "m-meta.json" in capfd.readouterr().err
+    assert (taken / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-meta.json", "params.yaml"]

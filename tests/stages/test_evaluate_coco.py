@@ -66,3 +66,17 @@ def test_wrong_precision_and_bad_params_fail_before_work(tmp_path, tmp_path_fact
     code, paths = run_evaluate(tmp_path, ws, batch_size=0)
     assert code == 2 and "evaluate.coco.batch_size" in capfd.readouterr().err
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "eval").exists()
+
+
+def test_an_eval_dir_it_does_not_own_is_refused_before_work(tmp_path, tmp_path_factory, capfd):
+    ws = shared_workspace(tmp_path_factory)
+    write_params(tmp_path, evaluate={"coco": EVAL})
+    images_before = sorted(p.name for p in Path(ws.images).iterdir())
+    for eval_dir, needle in ((".", "--eval-dir ."), (ws.images, "--images")):
+        code = run_in(tmp_path, ev.main, [
+            "coco", "fp32", "--model", ws.fp32, "--images", ws.images, "--annotations",
+            ws.annotations, "--metrics", tmp_path / "m.json", "--speed", tmp_path / "s.json",
+            "--eval-dir", eval_dir])
+        assert code == 2 and needle in capfd.readouterr().err
+    assert sorted(p.name for p in Path(ws.images).iterdir()) == images_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

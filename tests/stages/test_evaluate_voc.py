@@ -132,3 +132,19 @@ def test_precision_mismatch_and_bad_params_fail_before_writing(models, monkeypat
     err = capsys.readouterr().err
     assert "evaluate.voc.split.1" in err and "evaluate.voc.batch_size" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_an_eval_dir_with_foreign_content_is_refused_before_work(models, monkeypatch, tmp_path,
+                                                                  capsys):
+    root, devkit = models
+    monkeypatch.chdir(root)
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    args = ["voc", "fp32", "--model", "model/fp32", "--data", str(devkit), "--metrics",
+            str(tmp_path / "m.json"), "--speed", str(tmp_path / "s.json"), "--eval-dir",
+            str(foreign)]
+    assert run_stage(main, args) == 2
+    assert "--eval-dir" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    assert not (tmp_path / "m.json").exists()

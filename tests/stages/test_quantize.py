@@ -106,3 +106,16 @@ def test_nothing_quantized_fails_and_leaves_nothing(tmp_path, tmp_path_factory, 
     assert code == 1
     assert "no convolution was quantized" in capfd.readouterr().err
     assert not list((tmp_path / "model").iterdir())
+
+
+def test_a_log_path_on_an_input_is_refused_before_work(tmp_path, tmp_path_factory, capfd):
+    ws = shared_workspace(tmp_path_factory)
+    params_file = Path(f"{ws.fp32}-0000.params")
+    before = params_file.read_bytes()
+    write_params(tmp_path, quantize={"coco": CALIB})
+    code = run_in(tmp_path, quantize.main, ["coco", "--fp32", ws.fp32, "--out",
+                                            tmp_path / "int8", "--images", ws.images,
+                                            "--log", params_file])
+    assert code == 2 and "--log" in capfd.readouterr().err
+    assert params_file.read_bytes() == before
+    assert not list(tmp_path.glob("int8*"))

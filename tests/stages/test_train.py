@@ -145,3 +145,21 @@ def test_missing_branch_and_missing_data_fail_clearly(devkit, tmp_path, monkeypa
     args[2] = str(tmp_path / "nowhere")
     assert run_stage(main, args) == 1
     assert "cannot read VOC split(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, make", [
+    ("--live", lambda cwd: "."),
+    ("--out", lambda cwd: str(cwd)),
+    ("--checkpoints", lambda cwd: (cwd / "ckpt").mkdir() or
+     (cwd / "ckpt" / "notes.txt").write_text("mine") and "ckpt"),
+    ("--metrics", lambda cwd: (cwd / "m.json").mkdir() or "m.json"),
+])
+def test_outputs_it_does_not_own_are_refused_before_any_work(devkit, tmp_path, monkeypatch,
+                                                             capsys, flag, make):
+    cwd, args = workdir(tmp_path, devkit)
+    monkeypatch.chdir(cwd)
+    args[args.index(flag) + 1] = make(cwd)
+    before = sorted(p.relative_to(cwd) for p in cwd.rglob("*"))
+    assert run_stage(main, args) == 2
+    assert f"{flag} " in capsys.readouterr().err
+    assert sorted(p.relative_to(cwd) for p in cwd.rglob("*")) == before
