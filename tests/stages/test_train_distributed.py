@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from stages.common import run_stage
+from stages.outputs import MARKER
 from stages.train import main
 from stages.train_job import CODE_ENV, FINGERPRINT_ENV, PARAMS_ENV, code_digest
 from tests.stages.train_helpers import distributed, train_params, write_devkit
@@ -171,7 +172,7 @@ def test_two_worker_job_logs_every_process_and_only_worker_0_writes(dist2):
     assert "published model/trained, live, metrics/train_voc.json" in log
     root = dist2["root"]
     assert sorted(p.name for p in (root / "model/ckpt").iterdir()) == [
-        "epoch-0003.json", "epoch-0003.params", "epoch-0003.states"]
+        MARKER, "epoch-0003.json", "epoch-0003.params", "epoch-0003.states"]
     leftovers = [p for d in ("model", "metrics", ".") for p in (root / d).iterdir()
                  if p.name.endswith(".tmp")]
     assert not leftovers
