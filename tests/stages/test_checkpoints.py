@@ -26,6 +26,11 @@ def test_fingerprint_covers_what_shapes_the_trajectory_only():
                    {"val_split": [2007, "val"]}, {"val_max_images": 5}):
         assert next(iter(change)) in NOT_IN_FINGERPRINT
         assert fingerprint(knobs(**change), CLASSES, IDS) == base, change
+    # where and how the workers run does not matter, how many do (one = one process)
+    dist = {"kvstore": "dist_sync", "workers": 1, "servers": 3, "hosts": ["localhost", "b"],
+            "scheduler_host": "10.0.0.1", "scheduler_port": 9999, "progress_timeout_s": 5.0}
+    assert fingerprint(knobs(distributed=dist), CLASSES, IDS) == base
+    assert fingerprint(knobs(distributed={**dist, "workers": 2}), CLASSES, IDS) != base
     # a step schedule can be extended (epochs left out); a cosine schedule cannot
     assert fingerprint(knobs(epochs=9), CLASSES, IDS) == base
     cosine = fingerprint(knobs(schedule="cosine"), CLASSES, IDS)

@@ -131,7 +131,8 @@ def test_a_completed_run_leaves_nothing_to_resume_so_a_forced_rerun_retrains(
     in seconds; now the second run trains every epoch again, to the same bytes."""
     cwd, args = workdir(tmp_path, devkit, epochs=2, splits=[[2007, "train"]], val_interval=0)
     monkeypatch.chdir(cwd)
-    outputs = ("metrics/train_voc.json", "model/trained/net.params", "live/metrics.json")
+    outputs = ("metrics/train_voc.json", "model/trained/net.params", "model/trained/net.json",
+               "live/metrics.json")
     assert run_stage(main, args) == 0
     first = {rel: (cwd / rel).read_bytes() for rel in outputs}
     assert sorted(os.listdir(cwd / "model/ckpt")) == [MARKER]
@@ -141,6 +142,11 @@ def test_a_completed_run_leaves_nothing_to_resume_so_a_forced_rerun_retrains(
     assert "stages.training: epoch 1/2:" in log and "stages.training: epoch 2/2:" in log
     assert "resuming" not in log
     assert {rel: (cwd / rel).read_bytes() for rel in outputs} == first
+    # the per-epoch history the removed checkpoints held is in the model's provenance, without
+    # the per-run speed (net.json above is byte-identical)
+    history = json.loads(first["model/trained/net.json"])["provenance"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not {"seconds", "images_per_s"} & {k for h in history for k in h}
 
 
 def test_a_pretrained_base_file_is_an_input_recorded_with_its_digest(devkit, tmp_path,

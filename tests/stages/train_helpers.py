@@ -16,9 +16,19 @@ def train_params(**overrides) -> dict:
         "schedule": "step", "warmup_epochs": 1, "momentum": 0.9, "wd": 0.0005,
         "augment": "flip", "devices": ["cpu"], "num_workers": 0, "seed": 11,
         "checkpoint_interval": 1, "val_interval": 2, "val_max_images": 0,
+        "distributed": distributed(kvstore="device", workers=1),
     }
     params.update(overrides)
     return params
+
+
+def distributed(**overrides) -> dict:
+    """A train.voc.distributed section: loopback parameter server (see stages/cluster.py)."""
+    section = {"kvstore": "dist_sync", "workers": 2, "servers": 1, "hosts": ["localhost"],
+               "scheduler_host": "127.0.0.1", "scheduler_port": 9091,
+               "progress_timeout_s": 120.0}
+    section.update(overrides)
+    return section
 
 
 def write_devkit(root: Path) -> Path:
