@@ -3,6 +3,8 @@
 A checkpoint after epoch E is ``epoch-EEEE.params`` (weights), ``.states`` (optimizer state) and
 ``.json`` (epoch, fingerprint, per-epoch history), the json written last so it marks the
 checkpoint complete. A run resumes from the latest complete checkpoint with its fingerprint.
+Checkpoints are resume state for an interrupted run only: a run that completes removes them
+(``clear_checkpoints``) once its outputs are written, so a forced rerun trains from the start.
 In a data-parallel job only worker 0 reads and writes them; ``restore`` hands its starting
 state to the other workers.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -25,12 +28,14 @@ NOT_IN_FINGERPRINT = ("num_workers", "checkpoint_interval", "val_interval", "val
                       "val_max_images")
 
 
-def fingerprint(params: Mapping[str, Any], classes: Sequence[str], ids: Sequence[str]) -> str:
-    """Digest of everything that shapes the training trajectory (params, classes, image list).
+def fingerprint(params: Mapping[str, Any], classes: Sequence[str], ids: Sequence[str],
+                inputs: Mapping[str, str] | None = None) -> str:
+    """Digest of everything that shapes the training trajectory (params, classes, image list,
+    and the digests of input files such as the pretrained base weights).
 
     ``params``: the train params as a mapping (``model_dump()``). ``epochs`` only matters for
-    the cosine schedule (a step schedule run can be extended); of ``distributed``, only
-    ``workers`` when above 1.
+    the cosine schedule (an interrupted step schedule run may be resumed with more epochs); of
+    ``distributed``, only ``workers`` when above 1.
     """
     knobs = {k: v for k, v in params.items() if k not in NOT_IN_FINGERPRINT}
     # Of the distributed settings only the number of workers shapes the trajectory (BatchNorm
@@ -41,7 +46,8 @@ def fingerprint(params: Mapping[str, Any], classes: Sequence[str], ids: Sequence
         knobs["workers"] = workers
     if knobs["schedule"] != "cosine":
         knobs.pop("epochs")
-    blob = json.dumps({"params": knobs, "classes": list(classes), "images": list(ids)},
+    blob = json.dumps({"params": knobs, "classes": list(classes), "images": list(ids),
+                       **({"inputs": dict(inputs)} if inputs else {})},
                       sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -76,6 +82,24 @@ def save_checkpoint(directory: Path, net, trainer, history: list[dict], digest: 
     for old in directory.glob("epoch-*"):
         if old not in keep:
             old.unlink()
+
+
+def clear_checkpoints(directory: Path) -> list[Path]:
+    """Remove every checkpoint file (and temp file) of this module from ``directory``; returns
+    them. Nothing else there is touched (the train stage claimed the directory at its entry)."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if is_checkpoint_entry(entry):
+                removed.append(Path(entry.path))
+    for path in sorted(removed):
+        path.unlink()
+    if removed:
+        log.info("training complete: removed its %d checkpoint files from %s (a later run "
+                 "starts from scratch)", len(removed), directory)
+    return removed
 
 
 def find_checkpoint(directory: Path, digest: str, epochs: int) -> Optional[dict]:

@@ -2,7 +2,8 @@
 
     python -m stages.train voc --data data/voc/VOCdevkit --out model/voc/trained \\
         --checkpoints model/voc/checkpoints --live dvclive/train_voc \\
-        --metrics metrics/train_voc.json --speed metrics/speed_train_voc.json
+        --metrics metrics/train_voc.json --speed metrics/speed_train_voc.json \\
+        [--pretrained-base model/pretrained/vgg16_atrous.params]
 
 Reads params ``train.<branch>``. The recipe is GluonCV's ``train_ssd.py`` (``stages/training.py``):
 SGD with momentum, ``SSDMultiBoxLoss`` (hard negative mining 3:1), targets from
@@ -15,9 +16,12 @@ Determinism and resume: every random choice is drawn from a generator seeded by
 (seed, epoch[, image or batch]) — the shuffle order, the augmentation of each image, the flips
 of each batch — so an epoch does not depend on the RNG history before it. A checkpoint (weights,
 optimizer state, per-epoch history) is written every ``checkpoint_interval`` epochs; a rerun
-with the same params and data resumes from the latest one and ends with the same weights and
-metrics as an uninterrupted run. Checkpoints of other params/data are ignored (and replaced)
-(``stages/checkpoints.py``). That identity is tested on CPU (same machine, same thread count).
+after an interruption, with the same params, data and base weights, resumes from the latest one
+and ends with the same weights and metrics as an uninterrupted run. Checkpoints of other
+params/data/base weights are ignored (and replaced). A run that completes removes its
+checkpoints once its outputs are written (published, for a distributed job), so a later run
+(``dvc repro -f train``) trains from the start (``stages/checkpoints.py``). That identity is
+tested on CPU (same machine, same thread count).
 On GPU, cuDNN's autotuning and non-deterministic kernels make runs differ unless
 ``deterministic`` is true: it sets MXNet's determinism controls (``training.DETERMINISM_ENV``)
 for this process before MXNet is imported, and so for its DataLoader workers (untested here:
@@ -31,11 +35,12 @@ the kvstore averages the gradients, worker 0 writes everything below. Off (``dev
 ``local``), the stage runs in this one process exactly as it always has.
 
 Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance
-with the determinism controls in effect);
-``--metrics``: ``acc`` (anchor accuracy averaged over all training anchors, see
-``training.summarize``), ``loss`` (last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept
-apart so identical reruns give byte-identical accuracy files); ``--live``: dvclive curves
-(rebuilt from the checkpoint history on resume, so they too match an uninterrupted run).
+with the determinism controls in effect and the pretrained base's sha1); ``--metrics``: ``acc``
+(anchor accuracy averaged over all training anchors, see ``training.summarize``), ``loss``
+(last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept apart so identical reruns give
+byte-identical accuracy files); ``--live``: dvclive curves of accuracy figures only, no speed
+(rebuilt from the checkpoint history on resume, so they too match an uninterrupted run byte for
+byte).
 """
 from __future__ import annotations
 
@@ -47,10 +52,10 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from stages.checkpoints import fingerprint, is_checkpoint_entry
+from stages.checkpoints import clear_checkpoints, fingerprint, is_checkpoint_entry
 from stages.cluster import DistributedParams
-from stages.common import (StageError, atomic_path, library_versions, main_guard, round_floats,
-                           seed_everything, write_json)
+from stages.common import (StageError, atomic_path, file_digest, library_versions, main_guard,
+                           round_floats, seed_everything, write_json)
 from stages.config import ParamsError, Section, load_branch
 from stages.inference import configure_threads
 from stages.live import is_live_entry, live_logger, open_live, remove_live
@@ -64,6 +69,9 @@ from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
 log = logging.getLogger(__name__)
 
+# Fields of an epoch's record that vary per run (kept out of every output but the speed file)
+SPEED_FIELDS = ("seconds", "images_per_s")
+
 Device = Literal["cpu"] | Annotated[int, Field(ge=0)]
 
 
@@ -71,7 +79,9 @@ class TrainParams(Section):
     """params.yaml ``train.<branch>``."""
 
     network: str = Field(min_length=1)
-    pretrained_base: str = Field(min_length=1, description="'zoo', 'none' or a .params path")
+    # true: start from the base weights file given as --pretrained-base (the pipeline passes
+    # GluonCV's ImageNet-pretrained VGG16-atrous, fetch_weights' output); false: random init
+    pretrained_base: bool
     classes: Optional[list[Annotated[str, Field(pattern=r"^[a-z0-9_ -]+$")]]] = None
     splits: list[Split] = Field(min_length=1)
     val_split: Split
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", required=True, type=Path, help="dvclive directory")
     parser.add_argument("--metrics", required=True, type=Path, help="training metrics json")
     parser.add_argument("--speed", required=True, type=Path, help="training speed json")
+    parser.add_argument("--pretrained-base", type=Path,
+                        help="base network weights file (with params pretrained_base: true)")
     # set by the distributed launcher (stages/train_job.py) for the processes of the job
     parser.add_argument("--role", choices=("scheduler", "server", "worker"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -149,11 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("ignoring %s from the environment (the launcher sets the roles)", name)
         del os.environ[name]
     p = load_branch("train", args.branch, TrainParams)
+    if p.pretrained_base != (args.pretrained_base is not None):
+        need = "is required" if p.pretrained_base else "must not be given"
+        raise ParamsError(f"train.{args.branch}.pretrained_base is {p.pretrained_base}: "
+                          f"--pretrained-base {need}")
     check_outputs(files={"--metrics": args.metrics, "--speed": args.speed},
                   dirs={"--out": args.out},
                   own_dirs={"--checkpoints": args.checkpoints, "--live": args.live},
-                  inputs={"--data": args.data})
-    return train(args, p)
+                  inputs={"--data": args.data, "--pretrained-base": args.pretrained_base or []})
+    code = train(args, p)
+    clear_checkpoints(args.checkpoints)  # outputs published: a completed run leaves nothing
+    return code                          # to resume from, so a forced rerun trains again
 
 
 def worker_params() -> TrainParams:
@@ -187,7 +205,7 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
     digest = fingerprint(p.model_dump(), classes, ids)
     if dist.enabled and not worker:
         paths = StagePaths(args.data, args.out, args.checkpoints, args.live, args.metrics,
-                           args.speed)
+                           args.speed, args.pretrained_base)
         try:
             launch(args.branch, paths, p.model_dump_json(), dist, p.threads, len(indices),
                    digest, claim=lambda: claim_outputs(args))
@@ -211,16 +229,22 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
     log.info("training %s on %d images of %s for %d epochs on %s%s", p.network, len(indices),
              p.splits, p.epochs, ctx, f" (worker {group.rank} of {group.size})" if worker else "")
     # Workers start from worker 0's weights (checkpoints.restore): only worker 0 needs the
-    # pretrained base (a download, or a local file), the other hosts only the data.
-    net = build_detector(p.network, classes, p.pretrained_base if lead else "none", p.seed)
+    # pretrained base file, the other hosts only the data.
+    net = build_detector(p.network, classes, args.pretrained_base if lead else None, p.seed)
     check_input_size(net, p.data_shape)
+    # The resume key: params and data (``digest``, which every worker checks) and the base
+    # weights' content, so a checkpoint made from another base file is never resumed.
+    base = {"pretrained_base": file_digest(args.pretrained_base, "sha1")} \
+        if lead and p.pretrained_base else {}
+    resume_key = fingerprint(p.model_dump(), classes, ids, base) if base else digest
     beat = Heartbeat(dist.progress_timeout_s / 4) if worker else None
     progress = (lambda e, b: beat(lambda: f"epoch {e + 1}/{p.epochs}, batch {b + 1}")) \
         if beat else None
     live = open_live(args.live) if lead else None
     try:
         history = fit(net, train_set, indices, val_set, p, classes, ctx, args.checkpoints,
-                      digest, live_logger(live) if live else lambda r: None, group, progress)
+                      resume_key, live_logger(live) if live else lambda r: None, group,
+                      progress)
         if live:
             live.end()
     except BaseException:
@@ -228,13 +252,14 @@ def train(args: argparse.Namespace, p: TrainParams) -> int:
             remove_live(args.live)  # nothing partial is left behind (only dvclive's own files)
         raise
     if lead:
-        write_outputs(args, p, net, classes, ids, digest, history, determinism)
+        write_outputs(args, p, net, classes, ids, digest, history, determinism, base)
     return 0
 
 
 def write_outputs(args, p: TrainParams, net, classes, ids, digest: str, history,
-                  determinism: dict) -> None:
-    """The trained model (with provenance), the metrics and the speed file."""
+                  determinism: dict, base: dict) -> None:
+    """The trained model (with provenance: ``base`` holds the pretrained base's sha1, and the
+    per-epoch history without its speed fields), the metrics and the speed file."""
     metrics = summarize(history)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
@@ -242,11 +267,15 @@ def write_outputs(args, p: TrainParams, net, classes, ids, digest: str, history,
         write_json(tmp / "net.json", {
             "network": p.network, "classes": list(classes), "data_shape": p.data_shape,
             "provenance": {"params": {f"train.{args.branch}": p.model_dump()},
-                           "images": len(ids), "fingerprint": digest,
+                           "images": len(ids), "fingerprint": digest, **base,
                            "determinism": {"deterministic": p.deterministic,
                                            "environment": determinism},
                            # accuracy only: the file must not change between identical reruns
                            "metrics": round_floats({k: metrics[k] for k in ("acc", "loss")}),
+                           # per epoch (the completed run's checkpoints are removed)
+                           "history": round_floats([{k: v for k, v in h.items()
+                                                     if k not in SPEED_FIELDS}
+                                                    for h in history]),
                            "libraries": library_versions()},
         })
     speed = {"images_per_s": metrics.pop("images_per_s")}

@@ -48,11 +48,13 @@ class StagePaths:
     live: Path
     metrics: Path
     speed: Path
+    pretrained_base: Optional[Path] = None  # read by worker 0 only
 
     def argv(self) -> list[str]:
+        base = ["--pretrained-base", str(self.pretrained_base)] if self.pretrained_base else []
         return ["--data", str(self.data), "--out", str(self.out),
                 "--checkpoints", str(self.checkpoints), "--live", str(self.live),
-                "--metrics", str(self.metrics), "--speed", str(self.speed)]
+                "--metrics", str(self.metrics), "--speed", str(self.speed), *base]
 
 
 def code_digest() -> str:

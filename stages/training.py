@@ -124,8 +124,10 @@ def summarize(history: Sequence[dict]) -> dict:
     """Training metrics from the per-epoch history.
 
     ``acc``: correct / counted anchors summed over every batch of every epoch (a micro-average
-    over all anchors that entered the loss during training — the training-time accuracy the
-    seed's 0.783513 is); ``loss``: the last epoch's mean batch loss; ``images_per_s``: images
+    over all anchors that entered the loss during training: the same statistic as the seed's
+    cls_accuracy 0.783513, not a comparable value, since the seed's averages <= 5 epochs of
+    another sample, batch size and anchor set; compare shows it as informational only);
+    ``loss``: the last epoch's mean batch loss; ``images_per_s``: images
     trained / seconds spent in the training loops (validation and checkpointing excluded).
     """
     counted = sum(h["counted"] for h in history)

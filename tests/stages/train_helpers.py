@@ -10,7 +10,7 @@ SIZE = 128  # the demo SSD's base size
 def train_params(**overrides) -> dict:
     """A small train.voc section: demo SSD, 64 px, few images and epochs."""
     params = {
-        "network": "demo_ssd", "pretrained_base": "none", "classes": CLASSES,
+        "network": "demo_ssd", "pretrained_base": False, "classes": CLASSES,
         "splits": [[2007, "trainval"]], "val_split": [2007, "test"], "data_shape": SIZE,
         "batch_size": 8, "epochs": 5, "lr": 0.05, "lr_decay": 0.1, "lr_decay_epochs": [4],
         "schedule": "step", "warmup_epochs": 1, "momentum": 0.9, "wd": 0.0005,
