@@ -18,6 +18,7 @@ CalibMode = Literal["naive", "entropy", "none"]    # quantize.<branch>.calib_mod
 QuantizedDtype = Literal["auto", "int8", "uint8"]  # quantize.<branch>.quantized_dtype
 Schedule = Literal["step", "cosine"]               # train.<branch>.schedule
 Augment = Literal["gluoncv", "flip"]               # train.<branch>.augment
+Weights = Literal["file", "trained"]               # convert.<branch>.weights
 # The network registry's names (stages.models.NETWORKS has one builder per name; a test keeps
 # the two equal). Kept here as plain names so validating params never imports the networks.
 Network = Literal["ssd_300_vgg16_atrous_coco", "ssd_300_vgg16_atrous_voc", "demo_ssd"]
@@ -29,6 +30,7 @@ CHOICES: dict[str, Any] = {
     "quantize.*.quantized_dtype": QuantizedDtype,
     "train.*.schedule": Schedule,
     "train.*.augment": Augment,
+    "convert.*.weights": Weights,
 }
 # Keys naming an entry of the network registry (see config.Section).
 NETWORK_KEYS = ("convert.*.network", "train.*.network")

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 PARAMS_FILE = "params.yaml"
 
 # Every top-level section any params.yaml of this project may have (main and demo pipelines).
-SECTIONS = ("data", "download", "unpack", "generate", "convert", "train", "quantize", "bf16",
-            "evaluate", "compare", "plots")
+SECTIONS = ("data", "download", "unpack", "generate", "weights", "convert", "train", "quantize",
+            "bf16", "evaluate", "compare", "plots")
 
 
 class UsageError(ValueError):
@@ -50,6 +50,17 @@ class Section(BaseModel):
         if name not in known:
             raise ValueError(f"unknown network {name!r}; known: {', '.join(known)}")
         return name
+
+
+def named_entries(value: Any, example: str) -> Any:
+    """For a params field that maps names to entries (compare.targets, data.<d>.archives): the
+    list form of earlier versions is refused, saying what to write instead (a pydantic
+    ``mode="before"`` validator calls this)."""
+    if isinstance(value, list):
+        raise ValueError(f"must be a mapping of name -> entry (e.g. `{example}`), not a list: "
+                         "the name is what `dvc params diff` shows and what `dvc exp run -S` "
+                         "sets (<section>.<name>.<field>=...)")
+    return value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -147,7 +158,10 @@ def format_errors(exc: ValidationError, section: str, model: type[BaseModel],
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         key = ".".join([section, *loc])
-        if err["type"] == "extra_forbidden":
+        if loc and loc[-1] == "[key]":  # a mapping's key itself (a target's or archive's name)
+            where = ".".join([section, *loc[:-2]])
+            lines.append(f"  {where}: name {loc[-2]!r}: {err['msg']}")
+        elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
             lines.append(f"  {key}: unknown key{hint}")

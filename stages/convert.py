@@ -1,6 +1,7 @@
 """Convert a Gluon SSD into a symbolic detector with one of two detection heads.
 
-    python -m stages.convert coco --out model/coco/fp32                  # reads params convert.coco
+    python -m stages.convert coco --out model/coco/fp32 \\
+        --weights model/pretrained/ssd_300_vgg16_atrous_coco.params   # params convert.coco
     python -m stages.convert voc --out model/voc/fp32 --trained model/voc/trained
 
 Writes ``<out>-symbol.json``, ``<out>-0000.params`` and ``<out>-meta.json``: the network with its
@@ -18,6 +19,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from stages.choices import Weights
 from stages.common import file_digest, library_versions, main_guard
 from stages.config import ParamsError, Section, load_branch
 from stages.export import StagingDir, check_input, export_block, publish, verify_roundtrip
@@ -33,7 +35,9 @@ class ConvertParams(Section):
     """``convert.<branch>`` in params.yaml."""
 
     network: str | None = None  # registry name (stages/models.py); from net.json when trained
-    weights: str = "zoo"  # zoo | trained | path to a local .params file
+    # file: the .params file given as --weights (the pipeline passes GluonCV's COCO-pretrained
+    # weights, fetch_weights' output); trained: the train stage's model given as --trained
+    weights: Weights = "file"
     head: Literal["seed", "gluoncv"] = "seed"
     data_shape: int | None = Field(default=None, gt=0)  # from net.json when trained
     nms_thresh: float = Field(default=0.45, gt=0, lt=1)
@@ -64,7 +68,7 @@ class ConvertParams(Section):
         else:
             missing = [k for k in ("network", "data_shape") if getattr(self, k) is None]
             if missing:
-                raise ValueError(f"{', '.join(missing)} required unless weights: trained")
+                raise ValueError(f"{', '.join(missing)} required with weights: file")
         if self.head == "gluoncv":
             if self.score_thresh != STOCK_SCORE_THRESH:
                 raise ValueError(f"score_thresh is fixed at {STOCK_SCORE_THRESH} in GluonCV's "
@@ -96,14 +100,16 @@ def build_meta(source: Source, spec: HeadSpec, params_digest: str) -> dict:
         "mean": list(source.mean),
         "std": list(source.std),
         "weights": source.weights,
+        "weights_sha1": file_digest(source.weights, "sha1"),
         "params_md5": params_digest,
         "libraries": library_versions(),
     }
 
 
-def convert(p: ConvertParams, out: Path, trained_dir: Path | None) -> dict:
+def convert(p: ConvertParams, out: Path, trained_dir: Path | None,
+            weights_file: Path | None = None) -> dict:
     """Build, export, verify and publish the symbolic detector; return its meta."""
-    ssd, source = load_ssd(p.weights, p.network, p.data_shape, trained_dir)
+    ssd, source = load_ssd(p.weights, p.network, p.data_shape, trained_dir, weights_file)
     spec = head_spec(p)
     detector = make_detector(ssd, spec, source.data_shape)
     x = check_input(source.data_shape)
@@ -124,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("branch", help="params section convert.<branch>, e.g. coco")
     parser.add_argument("--out", required=True, type=Path, help="output model prefix")
     parser.add_argument("--trained", type=Path, help="trained-model dir (net.params + net.json)")
+    parser.add_argument("--weights", type=Path, help=".params file of the network (weights: file)")
     args = parser.parse_args(argv)
     p = load_branch("convert", args.branch, ConvertParams)
-    if (p.weights == "trained") != (args.trained is not None):
-        raise ParamsError(f"convert.{args.branch}.weights is {p.weights!r}: --trained "
-                          f"{'is required' if p.weights == 'trained' else 'must not be given'}")
+    for flag, value, wanted in (("--trained", args.trained, "trained"),
+                                ("--weights", args.weights, "file")):
+        if (p.weights == wanted) != (value is not None):
+            need = "is required" if p.weights == wanted else "must not be given"
+            raise ParamsError(f"convert.{args.branch}.weights is {p.weights!r}: {flag} {need}")
     check_outputs(files=model_outputs(args.out),
-                  inputs={"--trained": [args.trained] if args.trained else []})
-    meta = convert(p, args.out, args.trained)
+                  inputs={"--trained": args.trained or [], "--weights": args.weights or []})
+    meta = convert(p, args.out, args.trained, args.weights)
     log.info("wrote %s-{symbol.json,0000.params,meta.json} (%s, %d classes, head %s)",
              args.out, meta["network"], len(meta["classes"]), meta["head"])
     return 0

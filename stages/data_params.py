@@ -2,8 +2,14 @@
 
     data:
       coco:
-        archives: [{url: ..., md5: ..., sha1: ...}, ...]   # what to fetch, published checksums
-        expect: [val2017/*.jpg, ...]                        # what unpacking must produce
+        archives:                                 # what to fetch, with published checksums
+          val2017: {url: ..., md5: ..., sha1: ...}
+          annotations: {url: ..., md5: ..., sha1: ...}
+        expect: [val2017/*.jpg, ...]              # what unpacking must produce
+
+Archives are keyed by a name (letters, digits, ``_``, ``-``): ``dvc params diff`` then says which
+archive changed, and ``dvc exp run -S data.coco.archives.val2017.url=...`` points one at a
+mirror. The file is stored under the last component of its URL.
 """
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ import re
 import urllib.parse
 from pathlib import PurePosixPath
 
+from typing import Annotated, Any
+
 from pydantic import Field, field_validator, model_validator
 
-from stages.config import Section
+from stages.config import Section, named_entries
 
 URL_SCHEMES = ("http", "https", "file")
 ZIP_SUFFIXES = (".zip",)
@@ -22,6 +30,8 @@ ARCHIVE_SUFFIXES = ZIP_SUFFIXES + TAR_SUFFIXES
 # An archive's file name: no path separators, no leading dot (hidden and temp names are the
 # stages' own), no '.'/'..', nothing a shell or filesystem treats specially.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]*")
+# An archive's key in params: one params key, so no dots (`-S data.coco.archives.<key>.url=`).
+ArchiveKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 def archive_name(url: str) -> str:
@@ -71,9 +81,14 @@ class Archive(Section):
 class Dataset(Section):
     """``data.<dataset>``: the archives to fetch and the paths unpacking must produce."""
 
-    archives: list[Archive] = Field(min_length=1)
+    archives: dict[ArchiveKey, Archive] = Field(min_length=1)
     # Relative paths (glob patterns allowed) each of which must match something after unpacking.
     expect: list[str] = Field(min_length=1)
+
+    @field_validator("archives", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return named_entries(value, "val2017: {url: ..., md5: ..., sha1: ...}")
 
     @field_validator("expect")
     @classmethod
@@ -86,7 +101,7 @@ class Dataset(Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Dataset":
-        names = [a.name for a in self.archives]
+        names = [a.name for a in self.archives.values()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"archives must have distinct file names (repeated: {dupes})")

@@ -76,13 +76,13 @@ def remove_stale(out: Path, partial: Path, names: list[str]) -> list[Path]:
 def download_dataset(dataset: Dataset, out_dir: Path, partial_dir: Path,
                      params: DownloadParams) -> list[Path]:
     """Fetch every archive of ``dataset`` into ``out_dir``; remove what the list no longer has."""
-    names = [a.name for a in dataset.archives]
+    names = [a.name for a in dataset.archives.values()]
     claim_dirs(out_dir, partial_dir, names)
     for stale in remove_stale(out_dir, partial_dir, names):
         log.info("removed stale %s", stale)
     with new_session() as session:
         return [fetch_archive(a, out_dir, partial_dir, params.limits(), session)
-                for a in dataset.archives]
+                for a in dataset.archives.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dataset = load_branch("data", args.dataset, Dataset)
     params = load_section("download", DownloadParams)
-    sources = [src for src in map(local_source, (a.url for a in dataset.archives)) if src]
+    sources = [src for src in map(local_source, (a.url for a in dataset.archives.values()))
+               if src]
     check_outputs(own_dirs={"--out": args.out, "--partial-dir": args.partial_dir},
                   inputs={f"a local archive of data.{args.dataset}.archives": sources})
     paths = download_dataset(dataset, args.out, args.partial_dir, params)

@@ -5,15 +5,20 @@
 Run from the directory of a pipeline (its dvc.yaml and params.yaml), after ``dvc repro``. The
 metrics files are the ones that dvc.yaml declares (``dvc metrics show --json`` is asked, so no
 path is repeated here), read as the compare stage reads them; targets and knobs are params.yaml
-``compare`` (see stages/targets.py). With ``--against REV`` it also reads the same files as they
-were at REV (through DVC's file system, so git-tracked and DVC-cached metrics alike) and fails
-when a target's metric got worse than its regression tolerance (direction as in the target:
-higher is better for mAP and accuracy).
+``compare`` (see stages/targets.py). With ``--against REV`` it also reads the same files and
+params.yaml as they were at REV (stages/baseline.py: DVC's file system, so git-tracked and
+DVC-cached metrics alike) and fails when a target's metric got worse than its regression
+tolerance (direction as in the target: higher is better for mAP and accuracy), comparing like
+with like: a metric whose configuration differs at REV (e.g. ``convert.coco.head``) is shown
+with both values as a changed configuration, not compared. Informational targets
+(``informational: true``, e.g. the training accuracy) are shown with their delta and never
+decide anything.
 
 Exit codes: 0 every check passes; 1 a target, floor or regression check fails; 2 the gate cannot
 judge (a metrics file or key missing, NaN/inf, unreadable JSON, DVC failing, bad params, a
-``when`` that can never hold, no target applies, a base file at REV that exists but is not a
-JSON object of finite numbers, an empty REV, a ``--report`` it cannot or must not write). It
+``when`` that can never hold, no deciding target applies, a base file at REV that exists but is
+not a JSON object of finite numbers, a configuration changed since REV, an empty REV, a
+``--report`` it cannot or must not write). It
 fails closed: nothing it cannot read ever counts as a pass. The Markdown table it prints to
 stdout is also written to ``--report`` for a CI job to post; the file is written first, so the
 printed verdict is always the one the exit code gives. ``--report`` may only replace an earlier
@@ -30,23 +35,21 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from stages.baseline import CannotJudge, read_base, regressions
 from stages.common import main_guard, write_text_atomic
 from stages.config import UsageError
+from stages.metrics_files import read_metrics_files
 from stages.outputs import OutputError, check_outputs
-from stages.targets import (FAIL, MISSING, PASS, Row, Target, check, compare, fmt,
-                            load_compare_params, lookup_metric, parse_metrics,
-                            read_metrics_files)
+from stages.targets import CHANGED, FAIL, INFO, MISSING, PASS, Row, compare, fmt, \
+    load_compare_params
 
 log = logging.getLogger(__name__)
 
 DVC = (sys.executable, "-m", "dvc")  # the DVC of this environment, whatever PATH says
-VERDICTS = {PASS: "✅ pass", FAIL: "❌ **FAIL**", MISSING: "⚠️ **CANNOT JUDGE**"}
+VERDICTS = {PASS: "✅ pass", FAIL: "❌ **FAIL**", MISSING: "⚠️ **CANNOT JUDGE**",
+            INFO: "ℹ️ info", CHANGED: "⚠️ **CONFIGURATION CHANGED**"}
 OUTCOMES = {0: "PASS", 1: "FAIL", 2: "CANNOT JUDGE"}
 REPORT_HEADING = "### SSD reproduction gate: "
-
-
-class CannotJudge(RuntimeError):
-    """The gate lacks what it needs to decide (exit 2)."""
 
 
 def run_dvc(*args: str) -> str:
@@ -115,84 +118,13 @@ def resolve_paths(names: Iterable[str], declared: Mapping[str, str | None]) -> d
     return paths
 
 
-def verify_revision(rev: str) -> None:
-    """CannotJudge unless ``rev`` names a commit of the repository here."""
-    try:
-        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options",
-                               f"{rev}^{{commit}}"], capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise CannotJudge(f"cannot run git: {exc}") from exc
-    if proc.returncode != 0:
-        raise CannotJudge(f"unknown Git revision {rev!r}")
-
-
-def base_metrics(rev: str, paths: Mapping[str, str]) -> dict[str, Any]:
-    """Each metrics file as it was at ``rev``: name -> flattened JSON, or a string saying why it
-    cannot be used; a file that did not exist at ``rev`` is left out.
-
-    Read through DVC's public file system at that revision (git-tracked or DVC-cached files
-    alike), and parsed exactly as the current files are: `dvc metrics diff` reports an invalid
-    or non-object base file as no value at all, which would pass for a new metric.
-    """
-    from dvc.api import DVCFileSystem
-    from dvc.repo import Repo
-
-    verify_revision(rev)  # so that "no such file" below really means "not in that commit"
-    root = Repo.find_root(os.getcwd())
-    base: dict[str, Any] = {}
-    try:
-        with Repo(root) as repo:  # paths at a revision are relative to the Git root, which is
-            top = repo.scm.root_dir  # not the DVC root for a sub-project (demo/.dvc)
-        fs = DVCFileSystem(root, rev=rev)
-        for name, path in paths.items():
-            rel = Path(os.path.relpath(os.path.realpath(path), os.path.realpath(top))).as_posix()
-            try:
-                text = fs.read_text(rel)
-            except FileNotFoundError:
-                continue
-            except (OSError, UnicodeDecodeError) as exc:
-                base[name] = f"cannot read {path} at {rev} ({exc})"
-                continue
-            base[name] = parse_metrics(text, f"{path} at {rev}")
-    except Exception as exc:  # noqa: BLE001 - DVC's errors (unknown revision, ...): cannot judge
-        raise CannotJudge(f"cannot read the metrics at {rev!r}: {exc}") from exc
-    return base
-
-
-def regressions(current: Mapping[str, Any], base: Mapping[str, Any],
-                targets: Iterable[Target], rev: str, allow_missing_base: bool) -> list[Row]:
-    """One row per target metric: how far it moved from ``base`` and whether that is allowed.
-
-    ``allow_missing_base`` excuses only a base revision without that file or key; a base file
-    that exists but cannot be judged (invalid JSON, not an object, NaN, a string) is missing.
-    """
-    rows = []
-    for t in targets:
-        tolerance = t.tolerance if t.regression_tolerance is None else t.regression_tolerance
-        new, why = lookup_metric(current, t.metric)
-        stem, key = t.metric.split(".", 1)
-        content = base.get(stem)
-        if content is None or (isinstance(content, dict) and key not in content):
-            note = f"no value at {rev}"
-            if new is not None and allow_missing_base:
-                rows.append(Row(t.metric, "regression", t.metric, new, None, None, tolerance,
-                                PASS, note + " (new metric; allow_missing_base)"))
-                continue
-            rows.append(Row(t.metric, "regression", t.metric, new, None, None, tolerance,
-                            MISSING, why or note + " (compare.gate.allow_missing_base accepts "
-                            "new metrics)"))
-            continue
-        old, old_why = lookup_metric(base, t.metric)
-        rows.append(check(t.metric, "regression", t.metric, new, old, tolerance, t.direction,
-                          why or (old_why and f"at {rev}: {old_why}")))
-    return rows
-
-
 def exit_code(rows: Sequence[Row]) -> int:
-    """2 if any check cannot be judged (or there are none), else 1 if any fails, else 0."""
-    if not rows or any(r.status == MISSING for r in rows):
+    """2 if any check cannot be judged (missing, or a configuration changed since the base) or
+    none is judged at all, else 1 if any fails, else 0. Informational rows never count."""
+    judged = [r for r in rows if r.status != INFO]
+    if not judged or any(r.status in (MISSING, CHANGED) for r in judged):
         return 2
-    return 1 if any(r.status == FAIL for r in rows) else 0
+    return 1 if any(r.status == FAIL for r in judged) else 0
 
 
 def render_markdown(rows: Sequence[Row], against: str | None) -> str:
@@ -202,7 +134,7 @@ def render_markdown(rows: Sequence[Row], against: str | None) -> str:
              "| check | metric | value | target / base | delta | tolerance | verdict |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        check_name = f"vs `{against}`" if r.kind == "regression" else r.kind
+        check_name = f"vs `{against}`" if r.kind == "regression" else f"{r.kind} `{r.key}`"
         verdict = VERDICTS[r.status] + (f" — {r.note}" if r.note else "")
         cells = [check_name, f"`{r.metric}`", fmt(r.value), fmt(r.target),
                  fmt(r.delta, signed=True), fmt(r.tolerance), verdict]
@@ -218,17 +150,19 @@ def run_checks(against: str | None) -> list[Row]:
     """Every check the gate makes, from params.yaml, DVC's declarations and DVC's values."""
     if against is not None and not against.strip():
         raise CannotJudge("--against is empty: name a git revision (e.g. origin/main)")
-    params, targets = load_compare_params()
-    if not targets:
-        raise CannotJudge("no target in params.yaml `compare.targets` applies to these params")
-    names = [t.metric for t in targets]
-    names += [m for f in params.floors for m in (f.metric, f.reference)]
+    params, targets, current_params = load_compare_params()
+    if not any(not t.informational for t in targets.values()):
+        raise CannotJudge("no target in params.yaml `compare.targets` that decides the gate "
+                          "(not informational) applies to these params")
+    names = [t.metric for t in targets.values()]
+    names += [m for f in params.floors.values() for m in (f.metric, f.reference)]
     paths = resolve_paths((n.split(".", 1)[0] for n in names), declared_metrics())
     current = read_metrics_files(list(paths.values()))
     rows = compare(current, targets, params.floors)
     if against is not None:
-        base = base_metrics(against, paths)
-        rows += regressions(current, base, targets, against, params.gate.allow_missing_base)
+        base, base_params = read_base(against, paths)
+        rows += regressions(current, base, targets, against, params.gate, current_params,
+                            base_params)
     return rows
 
 

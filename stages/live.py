@@ -5,12 +5,18 @@ from pathlib import Path
 from typing import Callable
 
 
+# What each epoch logs: accuracy figures only. These files are git-tracked (metrics.json is read
+# by `dvc metrics diff`), so they must be byte-identical on an identical rerun: the images/s of
+# an epoch varies per run and stays in the stage's log and speed file (metrics/speed_*.json).
+CURVES = ("loss", "cls_loss", "box_loss", "anchor_acc", "lr")
+
+
 def live_logger(live) -> Callable[[dict], None]:
     """Log one epoch record to a dvclive ``Live`` (step = epoch number)."""
 
     def log_epoch(record: dict) -> None:
         live.step = record["epoch"]
-        for key in ("loss", "cls_loss", "box_loss", "anchor_acc", "images_per_s", "lr"):
+        for key in CURVES:
             live.log_metric(f"train/{key}", record[key])
         if "map" in record:
             live.log_metric("val/map", record["map"])

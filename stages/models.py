@@ -3,9 +3,12 @@
 - ``NETWORKS`` / ``build_network``: GluonCV's model zoo SSDs plus the project's own small demo
   SSD. Every entry returns a ``gluoncv.model_zoo.ssd.SSD`` so the convert/quantize/evaluate stages
   can treat them alike. Unknown names fail with the list of known ones.
-- ``build_detector``: a network to train (pretrained base from the zoo, a local file, or none).
-- ``load_ssd``: a network with all its weights (zoo, a local ``.params`` file, or a trained-model
+- ``build_detector``: a network to train, its base from a weights file or random.
+- ``load_ssd``: a network with all its weights (a ``.params`` file or a trained-model
   directory), plus the ``Source`` recorded in the exported model's meta.
+
+No function here downloads anything: GluonCV's pretrained files reach the stages as files that
+the fetch_weights stage wrote (sha1-checked, DVC outputs; stages/pretrained.py).
 - ``init_like_trained``: random weights that score like a trained detector (tests, benchmarks).
 
 MXNet is imported inside the functions: the train stage sets its thread count first.
@@ -80,27 +83,18 @@ def build_network(name: str, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # A network to train
 
-def build_detector(network: str, classes: Sequence[str], pretrained_base: str, seed: int):
-    """The registered SSD with ``classes``: base from GluonCV's zoo / a local file / random.
+def build_detector(network: str, classes: Sequence[str], base: Path | None, seed: int):
+    """The registered SSD with ``classes``, its base network's weights from the file ``base``
+    (e.g. GluonCV's ImageNet-pretrained ``vgg16_atrous``) or, with None, random.
 
     Everything not loaded is initialised from ``seed`` (on the CPU, so devices don't matter).
     """
     import mxnet as mx
 
     mx.random.seed(seed)
-    try:
-        net = build_network(network, classes=list(classes),
-                            pretrained_base=pretrained_base == "zoo")
-    except StageError:
-        raise
-    except Exception as exc:  # gluoncv's download of the base weights, offline
-        if pretrained_base == "zoo":
-            raise StageError(f"cannot get the ImageNet-pretrained base of {network} from "
-                             f"GluonCV's model zoo ({type(exc).__name__}: {exc}); set "
-                             "pretrained_base to a local .params file or 'none'") from None
-        raise
-    if pretrained_base not in ("zoo", "none"):
-        load_base(net, Path(pretrained_base))
+    net = build_network(network, classes=list(classes))
+    if base is not None:
+        load_base(net, base)
     with warnings.catch_warnings():  # re-initialising the loaded base warns; it is skipped
         warnings.simplefilter("ignore")
         net.initialize()
@@ -108,20 +102,25 @@ def build_detector(network: str, classes: Sequence[str], pretrained_base: str, s
 
 
 def load_base(net, path: Path) -> None:
-    """Load base-network weights from a local ``.params`` file into ``net.features``."""
+    """Load a base-network weights file into ``net.features`` as GluonCV does with its
+    pretrained base (``allow_missing``: the SSD's extra layers are not in it; nothing extra)."""
     import mxnet as mx
 
     if not path.is_file():
-        raise StageError(f"pretrained_base {str(path)!r} is neither 'zoo', 'none' nor a file")
+        raise StageError(f"pretrained base weights {str(path)!r}: no such file")
     try:
         saved = mx.nd.load(str(path))
     except mx.base.MXNetError as exc:
-        raise StageError(f"pretrained_base {path}: not an MXNet .params file ({exc})") from None
+        raise StageError(f"pretrained base {path}: not an MXNet .params file ({exc})") from None
     own = set(net.features._collect_params_with_prefix())  # pylint: disable=protected-access
     if not own & set(saved):
-        raise StageError(f"pretrained_base {path}: none of its {len(saved)} arrays matches a "
+        raise StageError(f"pretrained base {path}: none of its {len(saved)} arrays matches a "
                          f"parameter of the network's base (e.g. {sorted(own)[:3]})")
-    net.features.load_parameters(str(path), allow_missing=True, ignore_extra=True)
+    try:
+        net.features.load_parameters(str(path), allow_missing=True, ignore_extra=False)
+    except (AssertionError, mx.base.MXNetError, ValueError, RuntimeError) as exc:
+        raise StageError(f"pretrained base {path}: does not fit the network's base "
+                         f"({exc})") from None
     log.info("loaded %d base arrays from %s", len(own & set(saved)), path)
 
 
@@ -147,21 +146,19 @@ class Source:
     network: str
     classes: tuple[str, ...]
     data_shape: int
-    weights: str  # "zoo", or the path of the .params file
+    weights: str  # the path of the .params file
     mean: tuple[float, float, float] = GLUONCV_MEAN
     std: tuple[float, float, float] = GLUONCV_STD
 
 
 def load_ssd(weights: str, network: str | None, data_shape: int | None,
-             trained_dir: Path | None):
+             trained_dir: Path | None, weights_file: Path | None = None):
     """The SSD with its weights → (ssd, Source).
 
     ``weights``: ``trained`` (network, classes and data_shape from ``trained_dir/net.json``,
-    weights from its ``net.params``), ``zoo`` (GluonCV's pretrained ``network``) or the path of
-    a local ``.params`` file for ``network``.
+    weights from its ``net.params``) or ``file`` (the ``.params`` file ``weights_file`` of
+    ``network``, e.g. GluonCV's COCO-pretrained weights that the fetch_weights stage wrote).
     """
-    import mxnet as mx
-
     if weights == "trained":
         info = read_trained_info(trained_dir)
         ssd = build_network(info["network"], classes=info["classes"])
@@ -170,22 +167,11 @@ def load_ssd(weights: str, network: str | None, data_shape: int | None,
         return ssd, Source(info["network"], tuple(info["classes"]), int(info["data_shape"]),
                            str(params_file), tuple(info.get("mean", GLUONCV_MEAN)),
                            tuple(info.get("std", GLUONCV_STD)))
-    if weights == "zoo":
-        try:
-            ssd = build_network(network, pretrained=True)
-        except StageError:
-            raise
-        except Exception as exc:  # download/sha1 failures come as many exception types
-            raise StageError(f"cannot get pretrained weights of {network} from GluonCV's "
-                             f"model zoo ({type(exc).__name__}: {exc}); offline, copy the zoo's "
-                             "file into ~/.mxnet/models (GluonCV checks its sha1) or set the "
-                             "weights param to the path of a local .params file") from exc
-        ssd.collect_params().reset_ctx(mx.cpu())
-    else:
-        params_file = Path(weights)
-        ssd = build_network(network, pretrained=False, pretrained_base=False)
-        _load_params(ssd, params_file)
-    return ssd, Source(network, tuple(ssd.classes), data_shape, weights)
+    if weights_file is None:
+        raise ParamsError("convert: weights: file needs --weights <file>")
+    ssd = build_network(network, pretrained=False, pretrained_base=False)
+    _load_params(ssd, weights_file)
+    return ssd, Source(network, tuple(ssd.classes), data_shape, str(weights_file))
 
 
 def read_trained_info(trained_dir: Path | None) -> dict:

@@ -8,7 +8,8 @@ compares; a chart needs one record per check. ``verdict_rows`` makes those recor
 - ``check``: the check's name (``voc_fp32.map``; a floor is ``<metric>/<reference>``),
   ``kind`` (``target`` or ``floor``), ``metric``, ``label`` (the check for people);
 - ``value``, ``target`` (target value, or the reference's value for a floor), ``delta``
-  (value - target), ``tolerance``, ``status`` (``pass``, ``fail``, ``missing``), ``note``;
+  (value - target), ``tolerance``, ``status`` (``pass``, ``fail``, ``missing``, ``info``: an
+  informational target, shown, never judged), ``note``;
 - ``threshold``: the value below (above) which the check fails (null for a two-sided check),
   ``rule``: what must hold, for people (``≥ 85``, ``≤ 12``, ``25.1 ± 0.2``);
 - ``headroom``: how far the value is from failing, in the metric's unit (positive passes,
@@ -60,6 +61,8 @@ def verdict_rows(rows: Iterable[Any], directions: Mapping[str, str]) -> list[dic
             raise ValueError(f"unknown direction {direction!r} for {row.metric}")
         room = headroom(row.delta, row.tolerance, direction)
         threshold, rule = threshold_rule(row.target, row.tolerance, direction)
+        if row.status == "info":  # shown with its delta, never judged: no boundary to near
+            room, threshold, rule = None, None, "informational"
         if row.kind == "floor":
             label = row.name.replace("/", " vs ") + " (floor)"
         else:

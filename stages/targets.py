@@ -1,10 +1,13 @@
 """Targets, floors and how metrics are judged against them: shared by compare and the gate.
 
-A metric is named ``<file>.<key>``: ``coco_fp32.map`` is key ``map`` of the metrics file whose
-name (without ``.json``) is ``coco_fp32``; nested keys are joined with dots, as DVC shows them.
-Targets are absolute (value ± tolerance, in the metric's own unit) and may apply only when some
-params hold (``when: {convert.coco.head: gluoncv}``), so one metric can have a target per
-configuration. Floors are relative: ``metric >= ratio * reference - margin`` of the same run.
+A metric is named ``<file>.<key>`` (stages/metrics_files.py). Targets and floors are mappings
+keyed by a name (``compare.targets.coco_fp32_seed``), so ``dvc params diff`` says which one
+changed and ``dvc exp run -S compare.targets.<name>.value=...`` sets one. Targets are absolute
+(value ± tolerance, in the metric's own unit) and may apply only when some params hold
+(``when: {convert.coco.head: gluoncv}``), so one metric can have a target per configuration.
+Floors are relative: ``metric >= ratio * reference - margin`` of the same run. An
+``informational`` target is shown with its delta (status ``info``) but never passes or fails
+anything: the seed's training accuracy is such a value (README "Targets").
 
 Fails closed: a ``when`` naming a key params.yaml lacks, a value the param can never take
 (checked against stages/choices.py where the param is a choice, else against its type), two
@@ -13,26 +16,31 @@ or key, invalid JSON, not a finite number) is ``missing``, never a pass.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from stages.choices import allowed_values
-from stages.common import StageError, round_floats
-from stages.config import PARAMS_FILE, ParamsError, Section, parse_section, read_params_file
+from stages.common import round_floats
+from stages.config import (PARAMS_FILE, ParamsError, Section, named_entries, parse_section,
+                           read_params_file)
+from stages.metrics_files import lookup_metric
 
 # `<file>.<key>`: the file part has no dot (it is a metrics file's stem), the key may have dots.
 METRIC_PATTERN = r"^[A-Za-z0-9_-]+\.[^\s]+$"
+# A target's or floor's name: one params key, so no dots (`-S compare.targets.<name>.value=`).
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+# A dotted params key (`convert.coco.head`).
+ParamKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
 # Relative slack for float comparisons, so a value exactly on the tolerance boundary passes.
 EPS = 1e-9
 
-PASS, FAIL, MISSING = "pass", "fail", "missing"
+PASS, FAIL, MISSING, INFO, CHANGED = "pass", "fail", "missing", "info", "changed"
 Scalar = Union[bool, int, float, str]
-_ABSENT = object()  # "no such key", distinct from a param whose value is null
+ABSENT = object()  # "no such key", distinct from a param whose value is null
 
 
 class Target(Section):
@@ -44,10 +52,23 @@ class Target(Section):
     # higher: at least value - tolerance (accuracy); lower: at most value + tolerance (latency);
     # both: within ± tolerance (a reproduction that must not drift either way).
     direction: Literal["higher", "lower", "both"] = "higher"
-    # Largest allowed worsening against the base revision (gate --against); default: tolerance.
+    # Largest allowed worsening against the base revision (gate --against); null: tolerance.
     regression_tolerance: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # Shown with its delta (status info), never passes or fails the gate.
+    informational: bool = False
     # Dotted params.yaml keys and the values they must have for this target to apply.
     when: dict[str, Scalar] = {}
+    # Params that shape what the metric measures (besides the `when` keys): `gate --against`
+    # compares the metric with its base value only if all of them are equal at both revisions.
+    configuration: list[ParamKey] = []
+
+    @field_validator("when", mode="after")
+    @classmethod
+    def _dotted_keys(cls, when: dict[str, Scalar]) -> dict[str, Scalar]:
+        for key in when:
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"{key!r} is not a dotted params key (e.g. convert.coco.head)")
+        return when
 
 
 class Floor(Section):
@@ -66,18 +87,28 @@ class GateKnobs(Section):
     # With --against: a gated metric without a value at the base revision (e.g. the first PR
     # that adds it) is an error (exit 2) unless this is true, then it is reported as new.
     allow_missing_base: bool = False
+    # With --against: a metric whose configuration (its target's `when` and `configuration`
+    # params) differs at the base revision is not compared (exit 2) unless this is true, then
+    # it is reported as a new configuration.
+    allow_config_change: bool = False
 
 
 class CompareParams(Section):
-    targets: list[Target] = Field(min_length=1)
-    floors: list[Floor] = []
+    targets: dict[Name, Target] = Field(min_length=1)
+    floors: dict[Name, Floor] = {}
     gate: GateKnobs = GateKnobs()
+
+    @field_validator("targets", "floors", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return named_entries(value, "coco_fp32: {metric: coco_fp32.map, value: ..., ...}")
 
 
 @dataclass(frozen=True)
 class Row:
     """One check. ``target`` is the target value, the reference value (floor) or the base value
-    (regression); ``delta = value - target``; status is pass, fail or missing (cannot judge)."""
+    (regression); ``delta = value - target``; status is pass, fail, missing (cannot judge), info
+    (shown, not judged) or changed (configuration changed since the base: not compared)."""
 
     name: str
     kind: Literal["target", "floor", "regression"]
@@ -88,39 +119,48 @@ class Row:
     tolerance: float | None
     status: str
     note: str = ""
+    key: str = ""  # the target's or floor's name in params
 
 
-def load_compare_params(path: str | Path = PARAMS_FILE) -> tuple[CompareParams, list[Target]]:
-    """Read and validate the ``compare`` section; also return the targets these params select."""
+def load_compare_params(path: str | Path = PARAMS_FILE) -> tuple[CompareParams, dict[str, Target],
+                                                                 dict[str, Any]]:
+    """Read and validate the ``compare`` section; also return the targets these params select
+    (by name) and the whole params mapping (the values ``when`` and ``configuration`` read)."""
     data = read_params_file(path)
     params = parse_section(data, "compare", CompareParams, str(path))
-    return params, active_targets(params.targets, data, str(path))
+    return params, active_targets(params.targets, data, str(path)), data
 
 
-def active_targets(targets: Sequence[Target], params: Mapping[str, Any],
-                   source: str = PARAMS_FILE) -> list[Target]:
-    """The targets whose ``when`` conditions hold in ``params`` (the whole params mapping).
+def active_targets(targets: Mapping[str, Target], params: Mapping[str, Any],
+                   source: str = PARAMS_FILE) -> dict[str, Target]:
+    """The targets (by name) whose ``when`` conditions hold in ``params`` (the whole mapping).
 
     Every condition is checked first (``check_condition``), whether it holds now or not: a
-    condition that can never hold would make its target silently apply to nothing. Two targets
-    active for the same metric are a ParamsError too: the targets in force are never a guess.
+    condition that can never hold would make its target silently apply to nothing. So is every
+    ``configuration`` key (it must name a param). Two targets active for the same metric are a
+    ParamsError too: the targets in force are never a guess.
     """
-    active, seen = [], {}
-    for i, target in enumerate(targets):
+    active: dict[str, Target] = {}
+    seen: dict[str, str] = {}
+    for name, target in targets.items():
         holds = True
         for key, wanted in target.when.items():
-            actual = check_condition(params, f"compare.targets.{i}.when", key, wanted, source)
+            actual = check_condition(params, f"compare.targets.{name}.when", key, wanted, source)
             # YAML's true is not 1: compare bools only with bools
             same_kind = isinstance(actual, bool) == isinstance(wanted, bool)
             holds = holds and same_kind and actual == wanted
+        for key in target.configuration:
+            if lookup_param(params, key) is ABSENT:
+                raise ParamsError(f"{source}: compare.targets.{name}.configuration: key {key!r} "
+                                  f"is not in {source}; name an existing param")
         if not holds:
             continue
         if target.metric in seen:
             raise ParamsError(f"{source}: compare.targets.{seen[target.metric]} and "
-                              f"compare.targets.{i} both apply to {target.metric!r}; "
+                              f"compare.targets.{name} both apply to {target.metric!r}; "
                               "make their `when` conditions exclusive")
-        seen[target.metric] = i
-        active.append(target)
+        seen[target.metric] = name
+        active[name] = target
     return active
 
 
@@ -141,7 +181,7 @@ def check_condition(params: Mapping[str, Any], where: str, key: str, wanted: Any
     """
     actual = lookup_param(params, key)
     prefix = f"{source}: {where}.{key}"
-    if actual is _ABSENT:
+    if actual is ABSENT:
         raise ParamsError(f"{prefix}: key {key!r} is not in {source}; a condition must name an "
                           "existing param")
     if isinstance(actual, (Mapping, list)):
@@ -159,47 +199,13 @@ def check_condition(params: Mapping[str, Any], where: str, key: str, wanted: Any
 
 
 def lookup_param(params: Mapping[str, Any], dotted: str) -> Any:
-    """``params['a']['b']`` for ``'a.b'``; ``_ABSENT`` when any part is missing."""
+    """``params['a']['b']`` for ``'a.b'``; ``ABSENT`` when any part is missing."""
     node: Any = params
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return _ABSENT
+            return ABSENT
         node = node[part]
     return node
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys, the way ``dvc metrics show`` names them."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def lookup_metric(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str]:
-    """Value of metric ``file.key``, or None and why it cannot be judged.
-
-    ``metrics`` maps a metrics file's name to its flattened content, or to a string saying why
-    the file could not be read.
-    """
-    stem, key = name.split(".", 1)
-    content = metrics.get(stem)
-    if content is None:
-        return None, f"no metrics file {stem!r}"
-    if isinstance(content, str):
-        return None, content
-    if key not in content:
-        return None, f"key {key!r} missing in {stem!r}"
-    value = content[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, f"{name} is not a number ({value!r})"
-    if not math.isfinite(value):
-        return None, f"{name} is not finite ({value})"
-    return float(value), ""
 
 
 def judge(value: float, target: float, tolerance: float, direction: str = "higher") -> str:
@@ -216,34 +222,40 @@ def judge(value: float, target: float, tolerance: float, direction: str = "highe
 
 
 def check(name: str, kind: str, metric: str, value: float | None, target: float | None,
-          tolerance: float, direction: str, note: str = "") -> Row:
-    """A Row for one comparison; ``missing`` when either side is unknown."""
-    if value is None or target is None:
-        return Row(name, kind, metric, value, target, None, tolerance, MISSING, note)
-    return Row(name, kind, metric, value, target, value - target, tolerance,
-               judge(value, target, tolerance, direction), note)
+          tolerance: float | None, direction: str, note: str = "", key: str = "",
+          informational: bool = False) -> Row:
+    """A Row for one comparison: ``missing`` when either side is unknown; ``info`` (with the
+    delta when both sides are known) when the check is informational."""
+    delta = None if value is None or target is None else value - target
+    if informational:
+        note = "; ".join(filter(None, ["informational, not judged", note]))
+        return Row(name, kind, metric, value, target, delta, tolerance, INFO, note, key)
+    if delta is None:
+        return Row(name, kind, metric, value, target, None, tolerance, MISSING, note, key)
+    return Row(name, kind, metric, value, target, delta, tolerance,
+               judge(value, target, tolerance or 0.0, direction), note, key)
 
 
-def compare(metrics: Mapping[str, Any], targets: Iterable[Target],
-            floors: Iterable[Floor] = ()) -> list[Row]:
-    """Check every target and floor against ``metrics`` (see ``lookup_metric`` for its shape).
+def compare(metrics: Mapping[str, Any], targets: Mapping[str, Target],
+            floors: Mapping[str, Floor] | None = None) -> list[Row]:
+    """Check every target and floor (by name) against ``metrics`` (stages/metrics_files.py).
 
     A floor is reported as target = reference value, tolerance = (1 - ratio) * |reference| +
     margin, so every row reads the same way: pass when value >= target - tolerance.
     """
     rows = []
-    for t in targets:
+    for key, t in targets.items():
         value, why = lookup_metric(metrics, t.metric)
         rows.append(check(t.metric, "target", t.metric, value, t.value, t.tolerance,
-                          t.direction, why))
-    for f in floors:
+                          t.direction, why, key, t.informational))
+    for key, f in (floors or {}).items():
         value, why = lookup_metric(metrics, f.metric)
         ref, ref_why = lookup_metric(metrics, f.reference)
         tolerance = (1.0 - f.ratio) * abs(ref) + f.margin if ref is not None else None
         rule = f">= {f.ratio:g} x {f.reference}" + (f" - {f.margin:g}" if f.margin else "")
         note = "; ".join([rule, *(w for w in (why, ref_why) if w)])
         rows.append(check(f"{f.metric}/{f.reference}", "floor", f.metric, value, ref,
-                          tolerance, "higher", note))
+                          tolerance, "higher", note, key))
     return rows
 
 
@@ -257,37 +269,11 @@ def fmt(value: float | None, signed: bool = False) -> str:
 
 
 def rows_to_metrics(rows: Iterable[Row]) -> dict[str, Any]:
-    """Flat ``<row>.<field>`` keys: value, target, delta, tolerance, status (null when unknown)."""
+    """Flat ``<row>.<field>`` keys: value, target, delta, tolerance, status (null when unknown;
+    status pass, fail, missing or info)."""
     out: dict[str, Any] = {}
     for row in rows:
         for field in ("value", "target", "delta", "tolerance", "status"):
             out[f"{row.name}.{field}"] = getattr(row, field)
     # + 0.0 turns a rounded -0.0 into 0.0, so an exact hit always reads the same
     return {k: v + 0.0 if isinstance(v, float) else v for k, v in round_floats(out).items()}
-
-
-def parse_metrics(text: str, source: str) -> dict[str, Any] | str:
-    """A metrics file's flattened JSON object, or a string saying why it cannot be used."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        return f"{source} is not valid JSON ({exc})"
-    if not isinstance(data, dict):
-        return f"{source} does not hold a JSON object"
-    return flatten(data)
-
-
-def read_metrics_files(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """Map each file's name (stem) to its flattened JSON, or to why it cannot be read."""
-    metrics: dict[str, Any] = {}
-    for path in map(Path, paths):
-        if path.stem in metrics:
-            raise StageError(f"two metrics files are both named {path.stem!r}; "
-                             "metric names need unique file names")
-        try:
-            metrics[path.stem] = parse_metrics(path.read_text(), str(path))
-        except OSError as exc:
-            metrics[path.stem] = f"cannot read {path} ({exc.strerror})"
-        except UnicodeDecodeError as exc:
-            metrics[path.stem] = f"{path} is not valid JSON ({exc})"
-    return metrics

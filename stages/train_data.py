@@ -8,6 +8,11 @@ nor on which DataLoader worker makes which image: a resumed run sees the same ba
 Two paths (params ``augment``): GluonCV's full SSD augmentation with targets made per image
 (``gluoncv``), or resize per image then a batched horizontal flip and targets per batch
 (``flip``, for small CPU runs where the per-image augmentation dominates wall time).
+
+Data-parallel workers (``shard=(rank, size)``) each take their contiguous part of every global
+batch (``shard_batch``): the workers of a job see exactly the global batches one process sees,
+each image once per epoch on one worker, a new shuffle every epoch; the flips of a batch are
+drawn for the whole global batch and each worker takes its part, so they match too.
 """
 from __future__ import annotations
 
@@ -92,9 +97,20 @@ def resize_item(size: int) -> Callable:
     return fn
 
 
-def flip_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.RandomState):
-    """Flip half the images of a (B, S, S, 3) batch left-right, with their padded labels."""
-    flips = rng.random_sample(len(images)) < 0.5
+def shard_batch(batch: Sequence, rank: int, size: int) -> list:
+    """Worker ``rank``'s contiguous part of a global batch (its length a multiple of ``size``)."""
+    part = len(batch) // size
+    return list(batch[rank * part:(rank + 1) * part])
+
+
+def flip_batch(images: np.ndarray, labels: np.ndarray, rng: np.random.RandomState,
+               draws: int | None = None, start: int = 0):
+    """Flip half the images of a (B, S, S, 3) batch left-right, with their padded labels.
+
+    ``draws`` coin flips are drawn (default: one per image) and images take flips
+    ``start..start+B-1``: a worker's part of a global batch gets the flips the whole batch would.
+    """
+    flips = (rng.random_sample(draws or len(images)) < 0.5)[start:start + len(images)]
     images, labels = images.copy(), labels.copy()
     images[flips] = images[flips, :, ::-1]
     width = images.shape[2]
@@ -115,13 +131,15 @@ def normalize(images: np.ndarray) -> np.ndarray:
 class TrainData:
     """Batches (data, cls_targets, box_targets) for an epoch, on the CPU, deterministic."""
 
-    def __init__(self, dataset, indices: Sequence[int], p: Loading, anchors) -> None:
+    def __init__(self, dataset, indices: Sequence[int], p: Loading, anchors,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         from gluoncv.data.batchify import Pad, Stack, Tuple
         from gluoncv.data.transforms.presets.ssd import SSDDefaultTrainTransform
         from gluoncv.model_zoo.ssd.target import SSDTargetGenerator
         from mxnet import gluon
 
         self.indices, self.p, self.anchors = list(indices), p, anchors
+        self.rank, self.size = shard
         if p.augment == "gluoncv":  # targets are made per image inside the transform
             fn = SSDDefaultTrainTransform(p.data_shape, p.data_shape, anchors)
             batchify = Tuple(Stack(), Stack(), Stack())
@@ -141,16 +159,21 @@ class TrainData:
         import mxnet as mx
 
         order = epoch_batches(len(self.indices), self.p.batch_size, self.p.seed, epoch)
-        self.sampler.batches = [[(epoch, self.indices[i]) for i in batch] for batch in order]
+        self.sampler.batches = [[(epoch, self.indices[i])
+                                 for i in shard_batch(batch, self.rank, self.size)]
+                                for batch in order]
+        part = self.p.batch_size // self.size
         for b, batch in enumerate(self.loader):
             if self.p.augment == "gluoncv":
                 yield tuple(x.as_in_context(mx.cpu()) for x in batch)
                 continue
             rng = np.random.RandomState(derive_seed(self.p.seed, epoch, b))
-            images, labels = flip_batch(batch[0].asnumpy(), batch[1].asnumpy(), rng)
+            images, labels = flip_batch(batch[0].asnumpy(), batch[1].asnumpy(), rng,
+                                        draws=self.p.batch_size, start=self.rank * part)
             gt = mx.nd.array(labels)
             cls_t, box_t, _ = self.targets(self.anchors, None, gt[:, :, :4], gt[:, :, 4:5])
             yield mx.nd.array(normalize(images)), cls_t, box_t
 
     def __len__(self) -> int:
+        """Global batches per epoch (the same on every worker)."""
         return -(-len(self.indices) // self.p.batch_size)

@@ -4,7 +4,8 @@ SGD with momentum, ``SSDMultiBoxLoss`` (hard negative mining 3:1), linear warmup
 cosine learning-rate schedule (``learning_rate``). ``fit`` trains epoch by epoch from the
 batches of ``stages.train_data``, checkpoints through ``stages.checkpoints`` (and resumes from
 the latest valid checkpoint), validates every ``val_interval`` epochs and hands every epoch's
-record to a callback (the train stage logs it with dvclive).
+record to a callback (the train stage logs it with dvclive). The same loop runs as one worker
+of a data-parallel job (``stages.parallel``): see ``fit`` and ``combine``.
 
 Validation is the evaluation's own path: ``stages.voc.detect_voc`` (shared inference: GluonCV's
 SSD validation preprocessing, boxes clipped to the network input) on the Gluon SSD in inference
@@ -25,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from stages.checkpoints import find_checkpoint, save_checkpoint
+from stages.checkpoints import find_checkpoint, restore, save_checkpoint
 from stages.common import StageError
 from stages.models import GLUONCV_MEAN, GLUONCV_STD
+from stages.parallel import Solo
 from stages.train_data import Loading, TrainData
 from stages.voc import detect_voc, in_frame, labels, score_voc07
 
@@ -41,6 +43,8 @@ VAL_FRAME = "network"  # GluonCV's train_ssd.py scores in the data_shape input (
 # algorithms (cuDNN convolutions included; MXNet errors out where none exists), and cuDNN's
 # autotuning (which times candidate algorithms and may pick another one per run) off.
 DETERMINISM_ENV = {"MXNET_ENFORCE_DETERMINISM": "1", "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}
+LOSS_KEYS = ("loss", "cls_loss", "box_loss")  # an epoch record's mean batch losses
+COUNT_KEYS = ("correct", "counted", "images")  # and its counts
 
 
 class Recipe(Loading, Protocol):
@@ -120,8 +124,10 @@ def summarize(history: Sequence[dict]) -> dict:
     """Training metrics from the per-epoch history.
 
     ``acc``: correct / counted anchors summed over every batch of every epoch (a micro-average
-    over all anchors that entered the loss during training — the training-time accuracy the
-    seed's 0.783513 is); ``loss``: the last epoch's mean batch loss; ``images_per_s``: images
+    over all anchors that entered the loss during training: the same statistic as the seed's
+    cls_accuracy 0.783513, not a comparable value, since the seed's averages <= 5 epochs of
+    another sample, batch size and anchor set; compare shows it as informational only);
+    ``loss``: the last epoch's mean batch loss; ``images_per_s``: images
     trained / seconds spent in the training loops (validation and checkpointing excluded).
     """
     counted = sum(h["counted"] for h in history)
@@ -162,10 +168,12 @@ def train_anchors(net, data_shape: int, ctx):
 
 
 def train_epoch(net, trainer, loss_fn, batches, ctx: list, epoch: int, n_batches: int,
-                lr_at: Callable[[int], float]) -> dict:
+                lr_at: Callable[[int], float],
+                on_batch: Callable[[int], None] | None = None) -> dict:
     """One epoch of SSD training; returns loss parts, anchor accuracy counts, timing.
 
     A non-finite loss raises StageError naming the epoch and batch (before the update).
+    ``on_batch(b)`` is called after each batch's update (a distributed worker's heartbeat).
     """
     from mxnet import autograd, gluon
     from tqdm import tqdm
@@ -199,6 +207,8 @@ def train_epoch(net, trainer, loss_fn, batches, ctx: list, epoch: int, n_batches
                 totals["correct"] += correct
                 totals["counted"] += counted
         images += data.shape[0]
+        if on_batch is not None:
+            on_batch(b)
     seconds = time.perf_counter() - start
     record = {k: totals[k] / n_batches if "loss" in k else totals[k] for k in totals}
     record.update(epoch=epoch + 1, images=images, seconds=seconds, lr=lr,
@@ -242,39 +252,67 @@ def validate(net, dataset, p: Recipe, classes: Sequence[str], ctx: list) -> floa
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def combine(group, record: dict) -> dict:
+    """An epoch's record over all workers of ``group`` (the identity for one process).
+
+    Counts (anchors, images) are summed; the loss parts are the mean over workers of each
+    worker's loss (normalised by its own positive anchors: the objective the averaged gradient
+    descends); speed is all images over worker 0's seconds.
+    """
+    losses, counts = group.sum([record[k] for k in LOSS_KEYS],
+                               [record[k] for k in COUNT_KEYS])
+    out = {**record, **{k: v / group.size for k, v in zip(LOSS_KEYS, losses)},
+           **dict(zip(COUNT_KEYS, counts))}
+    out["anchor_acc"] = out["correct"] / out["counted"] if out["counted"] else 0.0
+    out["images_per_s"] = out["images"] / out["seconds"] if out["seconds"] else 0.0
+    return out
+
+
 def fit(net, train_set, train_indices: Sequence[int], val_set, p: Recipe,
         classes: Sequence[str], ctx: list, checkpoints: Path, digest: str,
-        on_epoch: Callable[[dict], None]) -> list[dict]:
+        on_epoch: Callable[[dict], None], group=None,
+        on_batch: Callable[[int, int], None] | None = None) -> list[dict]:
     """Train ``net`` for ``p.epochs`` epochs (resuming from ``checkpoints``); returns history.
 
     ``on_epoch`` receives every epoch's record, replayed ones from a checkpoint first.
+    ``group`` (``stages.parallel``; default: one process) makes this one worker of a
+    data-parallel job: it trains on its part of every global batch, gradients and epoch
+    records are combined over all workers, and only worker 0 reads and writes checkpoints,
+    validates and calls ``on_epoch`` (the others get its starting state through the group).
+    ``on_batch(epoch, batch)`` is called after every update.
     """
     from gluoncv.loss import SSDMultiBoxLoss
-    from mxnet import gluon
 
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    group = group if group is not None else Solo()
+    lead = group.rank == 0
     net.collect_params().reset_ctx(ctx)
     anchors = train_anchors(net, p.data_shape, ctx[0])
-    trainer = gluon.Trainer(net.collect_params(), "sgd",
-                            {"learning_rate": p.lr, "wd": p.wd, "momentum": p.momentum})
-    history: list[dict] = []
-    found = find_checkpoint(checkpoints, digest, p.epochs)
+    trainer = group.make_trainer(net.collect_params(), "sgd",
+                                 {"learning_rate": p.lr, "wd": p.wd, "momentum": p.momentum})
+    found = None
+    if lead:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        found = find_checkpoint(checkpoints, digest, p.epochs)
+    history = restore(group, net, trainer, found, ctx)
     if found:
-        net.load_parameters(str(found["paths"]["params"]), ctx=ctx)
-        trainer.load_states(str(found["paths"]["states"]))
-        history = found["history"]
         log.info("resuming from checkpoint after epoch %d/%d", found["epoch"], p.epochs)
-    for record in history:
+    for record in history if lead else ():
         on_epoch(record)
-    data = TrainData(train_set, train_indices, p, anchors)
+    data = TrainData(train_set, train_indices, p, anchors, shard=(group.rank, group.size))
     loss_fn = SSDMultiBoxLoss(negative_mining_ratio=NEGATIVE_MINING_RATIO)
+    trained = [q for q in net.collect_params().values() if q.grad_req != "null"]
     for epoch in range(len(history), p.epochs):
-        record = train_epoch(net, trainer, loss_fn, data.epoch(epoch), ctx, epoch, len(data),
-                             lambda it: learning_rate(p, it, len(data)))
+        beat = (lambda b, e=epoch: on_batch(e, b)) if on_batch else None
+        record = combine(group, train_epoch(net, trainer, loss_fn, data.epoch(epoch), ctx,
+                                            epoch, len(data),
+                                            lambda it: learning_rate(p, it, len(data)), beat))
+        group.check_identical([q.data(ctx[0]) for q in trained], "trained weights")
+        history.append(record)
+        if not lead:
+            continue
         last = epoch + 1 == p.epochs
         if val_set is not None and p.val_interval and ((epoch + 1) % p.val_interval == 0 or last):
             record["map"] = validate(net, val_set, p, classes, ctx)
-        history.append(record)
         log.info("epoch %d/%d: loss %.4f (class %.4f, box %.4f), anchor acc %.4f, %.1f img/s, "
                  "lr %.3g%s", epoch + 1, p.epochs, record["loss"], record["cls_loss"],
                  record["box_loss"], record["anchor_acc"], record["images_per_s"], record["lr"],

@@ -40,7 +40,7 @@ def metric(data: dict, name: str, key: str) -> float:
 def test_sweep_frontier_and_tuning_on_the_demo(demo_run, tmp_path):
     root = clone_run(demo_run, tmp_path / "repo")
     demo = root / "demo"
-    queued = dvc("exp", "run", "--queue", "-C", "model/voc/checkpoints", *BAD,
+    queued = dvc("exp", "run", "--queue", *BAD,
                  "-S", "quantize.coco.tune.enabled=false,true", cwd=demo)
     assert queued.returncode == 0 and queued.stdout.count("Queued experiment") == 2
     assert dvc("queue", "start", "-j", "1", cwd=demo).returncode == 0

@@ -34,10 +34,12 @@ PIPELINES = ("dvc.yaml", "demo/dvc.yaml")
 # Stage modules that no pipeline cmd names but users run as stages.
 EXTRA_STAGE_MODULES = ("stages.gate", "stages.frontier")
 # Data stages allowed to list only their own module: their outputs are verified against md5 and
-# sha1 checksums pinned in params (data.<dataset>.archives), so a helper changing cannot make
-# them wrong unnoticed, and listing shared helpers would refetch or re-extract gigabytes.
+# sha1 checksums pinned in params (data.<dataset>.archives) or in GluonCV's model store registry
+# (fetch_weights), so a helper changing cannot make them wrong unnoticed, and listing shared
+# helpers would refetch or re-extract gigabytes.
 EXEMPT = {"download": "archives verified against the md5/sha1 pinned in params",
-          "unpack": "input archives verified by download; expected paths checked"}
+          "unpack": "input archives verified by download; expected paths checked",
+          "fetch_weights": "output verified against the sha1 GluonCV's registry pins"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,8 +65,10 @@ def write_params(folder: Path, **sections) -> Path:
     return path
 
 
-def convert_params(weights: Path, head: str = "seed", **extra) -> dict:
-    return {"coco": {"network": NETWORK, "weights": str(weights), "head": head,
+def convert_params(head: str = "seed", **extra) -> dict:
+    """convert.coco for a weights file given as --weights (as the pipeline passes
+    fetch_weights' output)."""
+    return {"coco": {"network": NETWORK, "weights": "file", "head": head,
                      "data_shape": 300, **extra}}
 
 
@@ -100,8 +102,8 @@ def shared_workspace(tmp_path_factory) -> Workspace:
         root = tmp_path_factory.mktemp("coco_ws")
         images, annotations = write_coco_set(root / "coco")
         weights = write_random_weights(root / "random.params")
-        write_params(root, convert=convert_params(weights))
+        write_params(root, convert=convert_params())
         fp32 = root / "model" / "fp32"
-        assert run_in(root, convert.main, ["coco", "--out", fp32]) == 0
+        assert run_in(root, convert.main, ["coco", "--out", fp32, "--weights", weights]) == 0
         _CACHE["ws"] = Workspace(root, images, annotations, weights, fp32)
     return _CACHE["ws"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.checkpoints import (NOT_IN_FINGERPRINT, checkpoint_paths, find_checkpoint,
-                                fingerprint, save_checkpoint)
+from stages.checkpoints import (NOT_IN_FINGERPRINT, checkpoint_paths, clear_checkpoints,
+                                find_checkpoint, fingerprint, save_checkpoint)
 from stages.train import TrainParams
 from tests.stages.train_helpers import CLASSES, train_params
 
@@ -26,10 +26,20 @@ def test_fingerprint_covers_what_shapes_the_trajectory_only():
                    {"val_split": [2007, "val"]}, {"val_max_images": 5}):
         assert next(iter(change)) in NOT_IN_FINGERPRINT
         assert fingerprint(knobs(**change), CLASSES, IDS) == base, change
+    # where and how the workers run does not matter, how many do (one = one process)
+    dist = {"kvstore": "dist_sync", "workers": 1, "servers": 3, "hosts": ["localhost", "b"],
+            "scheduler_host": "10.0.0.1", "scheduler_port": 9999, "progress_timeout_s": 5.0}
+    assert fingerprint(knobs(distributed=dist), CLASSES, IDS) == base
+    assert fingerprint(knobs(distributed={**dist, "workers": 2}), CLASSES, IDS) != base
     # a step schedule can be extended (epochs left out); a cosine schedule cannot
     assert fingerprint(knobs(epochs=9), CLASSES, IDS) == base
     cosine = fingerprint(knobs(schedule="cosine"), CLASSES, IDS)
     assert fingerprint(knobs(schedule="cosine", epochs=9), CLASSES, IDS) != cosine
+    # input files by digest: another pretrained base is another trajectory
+    with_base = fingerprint(knobs(), CLASSES, IDS, {"pretrained_base": "a" * 40})
+    assert with_base != base
+    assert fingerprint(knobs(), CLASSES, IDS, {"pretrained_base": "b" * 40}) != with_base
+    assert fingerprint(knobs(), CLASSES, IDS, {}) == base
 
 
 @pytest.fixture
@@ -86,3 +96,19 @@ def test_the_json_is_written_last(tmp_path, net_and_trainer, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, net, trainer, history(1), "abc")
     assert not list(tmp_path.glob("*.json")) and find_checkpoint(tmp_path, "abc", 5) is None
+
+
+def test_clearing_removes_the_checkpoints_and_nothing_else(tmp_path, net_and_trainer):
+    """What a completed run does: no checkpoint is left to resume from; other files stay."""
+    net, trainer = net_and_trainer
+    save_checkpoint(tmp_path, net, trainer, history(2), "abc")
+    (tmp_path / ".epoch-0003.params.abcdefgh.tmp").write_text("a killed save")
+    (tmp_path / "epoch-0002.json.bak").write_text("not ours")
+    (tmp_path / "notes").mkdir()
+    removed = clear_checkpoints(tmp_path)
+    assert sorted(p.name for p in removed) == [".epoch-0003.params.abcdefgh.tmp",
+                                               "epoch-0002.json", "epoch-0002.params",
+                                               "epoch-0002.states"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0002.json.bak", "notes"]
+    assert find_checkpoint(tmp_path, "abc", epochs=5) is None
+    assert clear_checkpoints(tmp_path) == []

@@ -1,4 +1,5 @@
 """The convert stage: exported models match the Gluon block, params are checked first."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from tests.stages.coco_helpers import (NETWORK, convert_params, run_in, shared_w
 @pytest.mark.parametrize("head", ["seed", "gluoncv"])
 def test_exported_model_matches_gluon_block(tmp_path, tmp_path_factory, head):
     ws = shared_workspace(tmp_path_factory)
-    write_params(tmp_path, convert=convert_params(ws.weights, head=head))
+    write_params(tmp_path, convert=convert_params(head=head))
     out = tmp_path / "model" / "fp32"
 
-    assert run_in(tmp_path, convert.main, ["coco", "--out", out]) == 0
+    assert run_in(tmp_path, convert.main, ["coco", "--out", out, "--weights", ws.weights]) == 0
 
     net, meta = load_detector(out)
     assert {"network", "classes", "data_shape", "head", "precision", "mean", "std"} <= set(meta)
@@ -28,7 +29,7 @@ def test_exported_model_matches_gluon_block(tmp_path, tmp_path_factory, head):
     ssd = build_network(NETWORK)
     ssd.load_parameters(str(ws.weights))
     gluon = make_detector(ssd, convert.head_spec(convert.ConvertParams(
-        **convert_params(ws.weights, head=head)["coco"])), 300)  # imperative, not hybridized
+        **convert_params(head=head)["coco"])), 300)  # imperative, not hybridized
     x = check_input(300)
     want = outputs_to_numpy(gluon(x))
     got = outputs_to_numpy(net(x))
@@ -36,6 +37,8 @@ def test_exported_model_matches_gluon_block(tmp_path, tmp_path_factory, head):
     assert got[0].shape == (2, 100, 1) and got[2].shape == (2, 100, 4)
     assert (got[0] >= 0).sum() > 20  # the check exercises real detections, not empty rows
     assert not list(tmp_path.glob("model/.*"))  # no staging leftovers
+    assert meta["weights"] == str(ws.weights)  # provenance: which file, and its content
+    assert meta["weights_sha1"] == hashlib.sha1(ws.weights.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -50,19 +53,21 @@ def test_exported_model_matches_gluon_block(tmp_path, tmp_path_factory, head):
      "post_nms (100) must not exceed nms_topk (99)"),
 ])
 def test_bad_params_fail_before_work(tmp_path, capfd, change, message):
-    params = convert_params(tmp_path / "absent.params")
+    params = convert_params()
     params["coco"].update(change)
     write_params(tmp_path, convert=params)
 
-    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m"]) == 2
+    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m", "--weights",
+                                           tmp_path / "absent.params"]) == 2
     assert message in capfd.readouterr().err
     assert not list(tmp_path.glob("m*"))
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path, capfd):
-    write_params(tmp_path, convert=convert_params(tmp_path / "absent.params"))
+    write_params(tmp_path, convert=convert_params())
 
-    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m"]) == 1
+    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m", "--weights",
+                                           tmp_path / "absent.params"]) == 1
     assert "weights file not found" in capfd.readouterr().err
     assert not list(tmp_path.glob("m*"))
 
@@ -84,21 +89,30 @@ def test_trained_weights_come_with_net_json(tmp_path, tmp_path_factory):
 
 
 
-def test_trained_dir_must_match_the_weights_param(tmp_path, capfd):
-    write_params(tmp_path, convert=convert_params(tmp_path / "absent.params"))
-    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m", "--trained",
-                                           tmp_path]) == 2
+@pytest.mark.parametrize("weights, args, needle", [
+    ("file", ["--weights", "w.params", "--trained", "."], "'file': --trained must not be given"),
+    ("file", [], "'file': --weights is required"),
+    ("trained", ["--trained", "."], "'trained': --weights must not be given"),
+    ("trained", [], "'trained': --trained is required"),
+])
+def test_the_weights_given_must_match_the_weights_param(tmp_path, capfd, weights, args, needle):
+    params = convert_params() if weights == "file" else {"coco": {"weights": "trained"}}
+    write_params(tmp_path, convert=params)
+    if weights == "trained" and "--trained" in args:
+        args = [*args, "--weights", "w.params"]
+    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m", *args]) == 2
     err = capfd.readouterr().err
-    assert "convert.coco.weights is" in err and "--trained must not be given" in err
+    assert f"convert.coco.weights is {needle}" in err
     assert not list(tmp_path.glob("m*"))
 
 
 def test_an_output_path_it_does_not_own_is_refused_before_any_work(tmp_path, capfd):
-    write_params(tmp_path, convert=convert_params(tmp_path / "absent.params"))
+    write_params(tmp_path, convert=convert_params())
     taken = tmp_path / "m-meta.json"  # a directory where the stage writes a file
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m"]) == 2
+    assert run_in(tmp_path, convert.main, ["coco", "--out", tmp_path / "m", "--weights",
+                                           tmp_path / "absent.params"]) == 2
     assert "m-meta.json" in capfd.readouterr().err
     assert (taken / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-meta.json", "params.yaml"]

@@ -70,12 +70,18 @@ def make_repo(repo_root: Path, repo: Path, archives: dict[str, Path], server) ->
     served = {name: server.add(f"/{name}", path.read_bytes(),
                                plan=[("cut", 2000)] if name == "val2017.zip" else [])
               for name, path in archives.items() if name != "VOCtest_06-Nov-2007.tar"}
-    params["data"]["coco"]["archives"] = [
-        entry(served[n], archives[n]) for n in ("val2017.zip", "annotations_trainval2017.zip")]
-    params["data"]["voc"]["archives"] = [
-        entry(served["VOCtrainval_06-Nov-2007.tar"], archives["VOCtrainval_06-Nov-2007.tar"]),
-        entry(archives["VOCtest_06-Nov-2007.tar"].as_uri(), archives["VOCtest_06-Nov-2007.tar"]),
-        entry(served["VOCtrainval_11-May-2012.tar"], archives["VOCtrainval_11-May-2012.tar"])]
+    coco, voc = params["data"]["coco"]["archives"], params["data"]["voc"]["archives"]
+    assert list(coco) == ["val2017", "annotations"]  # the project's names, kept
+    assert list(voc) == ["trainval_2007", "test_2007", "trainval_2012"]
+    coco["val2017"] = entry(served["val2017.zip"], archives["val2017.zip"])
+    coco["annotations"] = entry(served["annotations_trainval2017.zip"],
+                                archives["annotations_trainval2017.zip"])
+    voc["trainval_2007"] = entry(served["VOCtrainval_06-Nov-2007.tar"],
+                                 archives["VOCtrainval_06-Nov-2007.tar"])
+    voc["test_2007"] = entry(archives["VOCtest_06-Nov-2007.tar"].as_uri(),
+                             archives["VOCtest_06-Nov-2007.tar"])
+    voc["trainval_2012"] = entry(served["VOCtrainval_11-May-2012.tar"],
+                                 archives["VOCtrainval_11-May-2012.tar"])
     params["download"].update(timeout_s=10.0, retries=2, backoff_s=0.01, backoff_max_s=0.05,
                               chunk_bytes=1024)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -27,8 +27,8 @@ def archive(url: str, data: bytes = DATA) -> Archive:
 
 def fetch(tmp_path: Path, *archives: Archive) -> Path:
     out = tmp_path / "downloads"
-    download_dataset(Dataset(archives=list(archives), expect=["x"]), out, tmp_path / "partial",
-                     PARAMS)
+    named = {f"archive{i}": a for i, a in enumerate(archives)}
+    download_dataset(Dataset(archives=named, expect=["x"]), out, tmp_path / "partial", PARAMS)
     return out
 
 
@@ -109,7 +109,13 @@ def test_cli_refuses_a_local_source_inside_out(tmp_path):
 
 # --- params validated before any work --------------------------------------------------------
 
-def write_params(directory: Path, archives: list[dict], **download) -> None:
+def write_params(directory: Path, archives: list[dict] | dict | tuple, **download) -> None:
+    """``archives``: a list is named a, b, c... (the params form is a mapping); a dict as is;
+    ``("as written", value)`` writes ``value`` unchanged."""
+    if isinstance(archives, tuple):
+        archives = archives[1]
+    elif isinstance(archives, list):
+        archives = {"abcdefgh"[i]: a for i, a in enumerate(archives)}
     params = {"data": {"coco": {"archives": archives, "expect": ["val2017"]}},
               "download": {**PARAMS.model_dump(), **download}}
     (directory / "params.yaml").write_text(yaml.safe_dump(params))
@@ -119,17 +125,20 @@ GOOD = {"url": "http://127.0.0.1:1/a.zip", "md5": "0" * 32, "sha1": "0" * 40}
 
 
 @pytest.mark.parametrize("archives, download, needle", [
-    ([{**GOOD, "md5": "abc"}], {}, "data.coco.archives.0.md5: String should match pattern"),
-    ([{**GOOD, "mirror": "x"}], {}, "data.coco.archives.0.mirror: unknown key; allowed keys: "
+    ([{**GOOD, "md5": "abc"}], {}, "data.coco.archives.a.md5: String should match pattern"),
+    ([{**GOOD, "mirror": "x"}], {}, "data.coco.archives.a.mirror: unknown key; allowed keys: "
                                     "url, md5, sha1"),
-    ([{**GOOD, "url": "ftp://h/a.zip"}], {}, "data.coco.archives.0.url: Value error, URL scheme "
+    ([{**GOOD, "url": "ftp://h/a.zip"}], {}, "data.coco.archives.a.url: Value error, URL scheme "
                                              "'ftp' is not supported"),
-    ([{**GOOD, "url": "http://h/zips/.."}], {}, "data.coco.archives.0.url: Value error, URL must "
+    ([{**GOOD, "url": "http://h/zips/.."}], {}, "data.coco.archives.a.url: Value error, URL must "
                                                 "end with the archive's file name (got '..')"),
     ([{**GOOD, "url": "http://h/zips/."}], {}, "(got '.')"),
     ([{**GOOD, "url": "http://h/a%2F..%2F.."}], {}, "(got '..')"),
     ([{**GOOD, "url": "http://h/.hidden.zip"}], {}, "not starting with a dot"),
     ([GOOD, GOOD], {}, "archives must have distinct file names (repeated: ['a.zip'])"),
+    (("as written", [GOOD]), {}, "data.coco.archives: Value error, must be a mapping of name "
+                                 "-> entry (e.g. `val2017: {url: "),  # the earlier list form
+    ({"val.2017": GOOD}, {}, "data.coco.archives: name 'val.2017': String should match pattern"),
     ([GOOD], {"retries": -1}, "download.retries: Input should be greater than or equal to 0"),
     ([GOOD], {"timeuot_s": 1}, "download.timeuot_s: unknown key"),
     ([GOOD], {"deadline_s": float("inf")}, "download.deadline_s: Input should be a finite number"),
@@ -149,7 +158,7 @@ def test_cli_exit_codes(archive_server, tmp_path):
     write_params(tmp_path, [{**GOOD, "sha1": "XYZ"}])
     bad = _cli(tmp_path, "--out", "d", "--partial-dir", "p")
     assert bad.returncode == 2, bad.stderr
-    assert "data.coco.archives.0.sha1" in bad.stderr and "Traceback" not in bad.stderr
+    assert "data.coco.archives.a.sha1" in bad.stderr and "Traceback" not in bad.stderr
     url = archive_server.add("/gone.zip", DATA, plan=[("status", 404)])
     write_params(tmp_path, [{**GOOD, "url": url}])
     gone = _cli(tmp_path, "--out", "d", "--partial-dir", "p")

@@ -28,13 +28,14 @@ PARAMS = """\
 convert: {coco: {head: seed}}
 compare:
   targets:
-    - {metric: coco_fp32.map, value: 24.059, tolerance: 0.3, regression_tolerance: 0.1,
-       when: {convert.coco.head: seed}}
-    - {metric: coco_fp32.map, value: 25.1, tolerance: 0.2, when: {convert.coco.head: gluoncv}}
-    - {metric: coco_int8.map, value: 23.879, tolerance: 0.4, regression_tolerance: 0.1}
+    fp32_seed: {metric: coco_fp32.map, value: 24.059, tolerance: 0.3, regression_tolerance: 0.1,
+                when: {convert.coco.head: seed}}
+    fp32_stock: {metric: coco_fp32.map, value: 25.1, tolerance: 0.2,
+                 when: {convert.coco.head: gluoncv}}
+    int8: {metric: coco_int8.map, value: 23.879, tolerance: 0.4, regression_tolerance: 0.1}
   floors:
-    - {metric: coco_int8.map, reference: coco_fp32.map, ratio: 0.99}
-  gate: {allow_missing_base: false}
+    int8_floor: {metric: coco_int8.map, reference: coco_fp32.map, ratio: 0.99}
+  gate: {allow_missing_base: false, allow_config_change: false}
 """
 
 GOOD = {"coco_fp32": {"map": 24.1, "map50": 41.2}, "coco_int8": {"map": 23.9},
@@ -92,9 +93,10 @@ def test_passing_metrics_exit_0_with_markdown_report(repo, monkeypatch, capsys):
     code, report = run_gate(repo, monkeypatch)
     assert code == 0
     assert report.startswith("### SSD reproduction gate: PASS (exit 0)")
-    assert "| target | `coco_fp32.map` | 24.1 | 24.059 | +0.041 | 0.3 | ✅ pass |" in report
-    assert ("| floor | `coco_int8.map` | 23.9 | 24.1 | -0.2 | 0.241 | ✅ pass — >= 0.99 x "
-            "coco_fp32.map |") in report
+    assert "| target `fp32_seed` | `coco_fp32.map` | 24.1 | 24.059 | +0.041 | 0.3 | ✅ pass |" \
+        in report
+    assert ("| floor `int8_floor` | `coco_int8.map` | 23.9 | 24.1 | -0.2 | 0.241 | ✅ pass — "
+            ">= 0.99 x coco_fp32.map |") in report
     assert capsys.readouterr().out == report  # the table is the product: on stdout too
 
 
@@ -129,7 +131,7 @@ def test_target_follows_the_head_param(repo, monkeypatch):
 def test_bad_params_and_no_dvc_yaml_cannot_judge(repo, monkeypatch):
     (repo / "params.yaml").write_text(PARAMS.replace("tolerance: 0.4", "tolerance: .nan"))
     code, report = run_gate(repo, monkeypatch)
-    assert code == 2 and "compare.targets.2.tolerance" in report
+    assert code == 2 and "compare.targets.int8.tolerance" in report
     (repo / "params.yaml").write_text(PARAMS.replace("coco_int8.map, value",
                                                      "coco_int9.map, value"))
     code, report = run_gate(repo, monkeypatch)
@@ -155,7 +157,8 @@ def test_against_catches_a_regression_between_commits(repo, monkeypatch):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = (repo / "gate.md").read_text()
     assert proc.stdout == report
-    assert "| target | `coco_fp32.map` | 23.95 | 24.059 | -0.109 | 0.3 | ✅ pass |" in report
+    assert "| target `fp32_seed` | `coco_fp32.map` | 23.95 | 24.059 | -0.109 | 0.3 | ✅ pass |" \
+        in report
     assert "| vs `HEAD~1` | `coco_fp32.map` | 23.95 | 24.1 | -0.15 | 0.1 | ❌ **FAIL** |" in report
     assert "| vs `HEAD~1` | `coco_int8.map` | 23.9 | 23.9 | +0 | 0.1 | ✅ pass |" in report
     (repo / "gate.md").unlink()
@@ -175,7 +178,8 @@ def test_against_fails_closed_without_a_base(repo, monkeypatch):
     # a metric the base revision did not have cannot be judged ...
     write_metrics(repo, {"coco_int8": {"map": 23.9, "map_small": 5.0}})
     (repo / "params.yaml").write_text(PARAMS.replace(
-        "  floors:", "    - {metric: coco_int8.map_small, value: 5.0, tolerance: 1.0}\n  floors:"))
+        "  floors:", "    small: {metric: coco_int8.map_small, value: 5.0, tolerance: 1.0}\n"
+                     "  floors:"))
     code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
     assert code == 2 and "no value at HEAD" in report
     # ... unless the params accept new metrics
@@ -194,10 +198,11 @@ def test_a_sub_pipeline_gates_its_own_metrics(repo, monkeypatch):
     sh(demo, DVC, "init", "--subdir", "-q")
     (demo / "dvc.yaml").write_text(DVC_YAML)
     (demo / "params.yaml").write_text(
-        "compare:\n  targets:\n    - {metric: coco_fp32.map, value: 85.0, tolerance: 0.5}\n")
+        "compare:\n  targets:\n    ap: {metric: coco_fp32.map, value: 85.0, tolerance: 0.5}\n")
     write_metrics(demo, {"coco_fp32": {"map": 86.0}})
     code, report = run_gate(demo, monkeypatch)
-    assert code == 0 and "| target | `coco_fp32.map` | 86 | 85 | +1 | 0.5 | ✅ pass |" in report
+    assert code == 0 and "| target `ap` | `coco_fp32.map` | 86 | 85 | +1 | 0.5 | ✅ pass |" \
+        in report
     assert "coco_int8" not in report  # root targets/metrics are not mixed in
     commit(repo, "add demo")
     write_metrics(demo, {"coco_fp32": {"map": 85.2}})
@@ -349,3 +354,107 @@ def test_when_that_can_never_hold_cannot_judge(repo, monkeypatch, when, needle):
     (repo / "params.yaml").write_text(params)
     code, report = run_gate(repo, monkeypatch)
     assert code == 2 and needle in report, report
+
+
+# --- like with like: a metric is compared with its base only in the same configuration -----
+
+def switch_head(repo: Path, fp32: float, params: str = PARAMS, int8: float = 23.9) -> None:
+    (repo / "params.yaml").write_text(params.replace("head: seed}}", "head: gluoncv}}", 1))
+    write_metrics(repo, {"coco_fp32": {"map": fp32, "map50": 41.2}, "coco_int8": {"map": int8}})
+
+
+@pytest.mark.parametrize("fp32", [25.2, 23.0])
+def test_a_switched_head_is_a_changed_configuration_never_a_regression_or_a_pass(
+        repo, monkeypatch, fp32):
+    """The base measured the seed head (24.1), the PR the stock head: the two numbers are not
+    comparable. Both are shown; the regression row is neither FAIL nor pass: exit 2."""
+    switch_head(repo, fp32)
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2, report
+    assert report.startswith("### SSD reproduction gate: CANNOT JUDGE (exit 2)")
+    row = next(line for line in report.splitlines() if line.startswith("| vs `HEAD` | `coco_fp32"))
+    assert f"| {fp32:g} | 24.1 | {fp32 - 24.1:+.6g} | 0.2 | ⚠️ **CONFIGURATION CHANGED** — " \
+           "configuration changed: convert.coco.head: 'seed' at HEAD, 'gluoncv' now; not " \
+           "compared (compare.gate.allow_config_change accepts it) |" in row
+    # the target of the new configuration still applies, judged as usual
+    verdict = "✅ pass" if fp32 >= 24.9 else "❌ **FAIL**"
+    assert f"| target `fp32_stock` | `coco_fp32.map` | {fp32:g} | 25.1 |" in report
+    assert verdict in report.split("target `fp32_stock`")[1].splitlines()[0]
+    # INT8 has no `when` on the head in these params: compared as usual
+    assert "| vs `HEAD` | `coco_int8.map` | 23.9 | 23.9 | +0 | 0.1 | ✅ pass |" in report
+
+
+def test_allow_config_change_accepts_a_new_configuration(repo, monkeypatch):
+    switch_head(repo, 25.2, PARAMS.replace("allow_config_change: false",
+                                           "allow_config_change: true"), int8=25.0)
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 0, report
+    assert "| 25.2 | 24.1 | +1.1 | 0.2 | ✅ pass — configuration changed: convert.coco.head: " \
+           "'seed' at HEAD, 'gluoncv' now (new configuration; allow_config_change) |" in report
+
+
+def test_configuration_params_are_compared_at_both_revisions(repo, monkeypatch):
+    """`configuration` names params that shape a metric without selecting its target (the
+    demo's INT8 target has one for the head): changing one makes that metric incomparable."""
+    params = PARAMS.replace("int8: {metric: coco_int8.map, value: 23.879, tolerance: 0.4,",
+                            "int8: {metric: coco_int8.map, value: 23.879, tolerance: 0.4,\n"
+                            "           configuration: [quantize.coco.calib_mode],") \
+        + "quantize: {coco: {calib_mode: naive}}\n"
+    (repo / "params.yaml").write_text(params)
+    commit(repo, "int8 target with a configuration")
+    assert run_gate(repo, monkeypatch, "--against", "HEAD")[0] == 0
+    (repo / "params.yaml").write_text(params.replace("calib_mode: naive", "calib_mode: entropy"))
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2 and "quantize.coco.calib_mode: 'naive' at HEAD, 'entropy' now" in report
+    # a param that is no configuration of any target (a calibration size) is compared across
+    (repo / "params.yaml").write_text(params.replace("convert: {coco: {head: seed}}",
+                                                     "convert: {coco: {head: seed, x: 1}}"))
+    assert run_gate(repo, monkeypatch, "--against", "HEAD")[0] == 0
+
+
+def test_a_base_with_targets_as_a_list_is_still_read_for_its_configuration(repo, monkeypatch):
+    """The first PR after targets became a mapping compares against a base whose params.yaml
+    has them as a list: its `when` keys still count."""
+    old = PARAMS.replace("fp32_seed: {", "- {").replace("fp32_stock: {", "- {") \
+        .replace("int8: {", "- {").replace("    int8_floor: {", "    - {")
+    assert "fp32_seed" not in old
+    (repo / "params.yaml").write_text(old)
+    commit(repo, "old list-form params")
+    (repo / "params.yaml").write_text(PARAMS)
+    assert run_gate(repo, monkeypatch, "--against", "HEAD")[0] == 0
+    switch_head(repo, 25.2)
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2 and "convert.coco.head: 'seed' at HEAD, 'gluoncv' now" in report
+
+
+def test_a_base_params_file_that_is_not_yaml_cannot_judge(repo, monkeypatch):
+    (repo / "params.yaml").write_text("compare: [unclosed\n")
+    commit(repo, "broken params")
+    (repo / "params.yaml").write_text(PARAMS)
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 2 and "params.yaml at HEAD is not valid YAML" in report
+
+
+def test_an_informational_target_never_decides_the_gate(repo, monkeypatch):
+    """The training accuracy: diffed against the seed's and the base, shown, never judged."""
+    info = PARAMS.replace("  floors:", "    acc: {metric: coco_fp32.map50, value: 78.35, "
+                                       "tolerance: 2.0, informational: true}\n  floors:")
+    (repo / "params.yaml").write_text(info)
+    commit(repo, "informational target")
+    write_metrics(repo, {"coco_fp32": {"map": 24.1, "map50": 12.0}})  # far below, and a drop
+    code, report = run_gate(repo, monkeypatch, "--against", "HEAD")
+    assert code == 0, report
+    assert "| target `acc` | `coco_fp32.map50` | 12 | 78.35 | -66.35 | 2 | ℹ️ info — " \
+           "informational, not judged |" in report
+    assert "| vs `HEAD` | `coco_fp32.map50` | 12 | 41.2 | -29.2 | 2 | ℹ️ info — " \
+           "informational, not judged |" in report
+    # a missing informational metric is shown, and is not a reason to stop either
+    (repo / "metrics" / "coco_fp32.json").write_text('{"map": 24.1}')
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 0 and "informational, not judged; key 'map50' missing" in report
+    # but informational targets alone cannot make a verdict
+    only = "compare:\n  targets:\n    acc: {metric: coco_fp32.map, value: 1.0, tolerance: 0.0," \
+           " informational: true}\n"
+    (repo / "params.yaml").write_text(only)
+    code, report = run_gate(repo, monkeypatch)
+    assert code == 2 and "no target in params.yaml `compare.targets` that decides" in report

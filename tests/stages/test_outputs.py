@@ -122,8 +122,9 @@ def test_claim_dir_recognises_the_stages_entries_only(cwd):
 @pytest.mark.parametrize("stage, args", [
     ("generate", ["--out", "."]),
     ("generate", ["--out", "mine"]),
-    ("compare", ["--metrics", "a.json", "--out", "a.json"]),
-    ("compare", ["--metrics", "a.json", "--out", "mine"]),
+    ("compare", ["--metrics", "a.json", "--out", "a.json", "--rows", "rows.json"]),
+    ("compare", ["--metrics", "a.json", "--out", "mine", "--rows", "rows.json"]),
+    ("compare", ["--metrics", "a.json", "--out", "out.json", "--rows", "mine"]),
 ])
 def test_stage_entry_points_refuse_outputs_they_do_not_own(tmp_path, repo_root, stage, args):
     """Exit 2 before any work, nothing touched."""

@@ -123,7 +123,9 @@ def test_the_pr_workflow_renders_the_charts_and_links_them(repo_root):
     assert 'dvc plots diff "origin/$BASE_REF" --json' in render["run"]
     assert "--plots dvc_plots/plots.json --out dvc_plots/charts" in render["run"]
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
-    assert upload["with"]["path"] == "dvc_plots/" and upload["id"] == "upload"
+    # in the pipeline's directory, where the steps run (SSD_REPRO_DIR, test_ci_story.py)
+    assert upload["with"]["path"] == "${{ env.PIPELINE_DIR }}/dvc_plots/"
+    assert upload["id"] == "upload"
     comment = next(s for s in steps if "github-script" in s.get("uses", ""))
     assert comment["env"]["REPORT_URL"] == "${{ steps.upload.outputs.artifact-url }}"
     assert "dvc_plots/charts/charts.md" in comment["with"]["script"]

@@ -4,14 +4,18 @@ import math
 import pytest
 import yaml
 
-from stages.targets import (FAIL, MISSING, PASS, CompareParams, Floor, Target, active_targets,
-                            compare, judge, read_metrics_files, rows_to_metrics)
+from stages.targets import (FAIL, INFO, MISSING, PASS, CompareParams, Floor, Target,
+                            active_targets, compare, judge, rows_to_metrics)
 from stages.config import ParamsError, parse_section
 
-TARGETS = [Target(metric="coco_fp32.map", value=24.059, tolerance=0.2),
-           Target(metric="coco_int8.map", value=23.879, tolerance=0.4),
-           Target(metric="train_voc.acc", value=0.7835, tolerance=0.02)]
-FLOORS = [Floor(metric="coco_int8.map", reference="coco_fp32.map", ratio=0.99)]
+TARGETS = {"fp32": Target(metric="coco_fp32.map", value=24.059, tolerance=0.2),
+           "int8": Target(metric="coco_int8.map", value=23.879, tolerance=0.4),
+           "acc": Target(metric="train_voc.acc", value=0.7835, tolerance=0.02)}
+FLOORS = {"int8_floor": Floor(metric="coco_int8.map", reference="coco_fp32.map", ratio=0.99)}
+
+
+def first(targets: dict, n: int) -> dict:
+    return dict(list(targets.items())[:n])
 
 
 def by_name(rows):
@@ -29,12 +33,26 @@ def test_compare_reports_value_target_delta_and_status():
     floor = rows["coco_int8.map/coco_fp32.map"]
     # 23.3 < 0.99 * 24.1 = 23.859: reported as target = reference, tolerance = 1% of it
     assert (floor.status, floor.target, round(floor.tolerance, 6)) == (FAIL, 24.1, 0.241)
-    assert compare({"coco_fp32": {"map": 24.1}, "coco_int8": {"map": 23.9}}, [], FLOORS)[0] \
+    assert compare({"coco_fp32": {"map": 24.1}, "coco_int8": {"map": 23.9}}, {}, FLOORS)[0] \
         .status == PASS
     # an absolute margin instead (the demo: INT8 within 0.5 point of FP32)
-    margin = [Floor(metric="coco_int8.map", reference="coco_fp32.map", margin=0.5)]
-    assert [compare({"coco_fp32": {"map": 85.0}, "coco_int8": {"map": v}}, [], margin)[0].status
+    margin = {"m": Floor(metric="coco_int8.map", reference="coco_fp32.map", margin=0.5)}
+    assert [compare({"coco_fp32": {"map": 85.0}, "coco_int8": {"map": v}}, {}, margin)[0].status
             for v in (84.5, 84.4)] == [PASS, FAIL]
+    assert [r.key for r in compare({}, TARGETS, FLOORS)] == ["fp32", "int8", "acc", "int8_floor"]
+
+
+@pytest.mark.parametrize("value", [0.5, 0.7835, 0.99, None])
+def test_an_informational_target_is_shown_with_its_delta_and_never_judged(value):
+    """The seed's 0.7835 is the same statistic, not a comparable value (issue 10 item 7)."""
+    acc = {"acc": Target(metric="train_voc.acc", value=0.7835, tolerance=0.02,
+                         informational=True)}
+    metrics = {"train_voc": {"acc": value} if value is not None else {}}
+    row = compare(metrics, acc)[0]
+    assert row.status == INFO and row.note.startswith("informational, not judged")
+    assert row.value == value and row.target == 0.7835
+    assert row.delta == (None if value is None else pytest.approx(value - 0.7835))
+    assert rows_to_metrics([row])["train_voc.acc.status"] == "info"
 
 
 @pytest.mark.parametrize("metrics, note", [
@@ -47,7 +65,7 @@ def test_compare_reports_value_target_delta_and_status():
     ({"coco_fp32": {"map": True}}, "not a number"),
 ])
 def test_unjudgeable_metrics_are_missing_never_pass(metrics, note):
-    row = compare(metrics, TARGETS[:1], FLOORS)
+    row = compare(metrics, first(TARGETS, 1), FLOORS)
     assert row[0].status == MISSING and note in row[0].note and row[0].value is None
     assert row[1].status == MISSING  # the floor needs coco_fp32.map too
 
@@ -62,7 +80,7 @@ def test_judge_directions(value, direction, status):
 
 
 def test_compare_json_is_flat_with_stable_keys():
-    rows = compare({"coco_fp32": {"map": 24.059}}, TARGETS[:2])
+    rows = compare({"coco_fp32": {"map": 24.059}}, first(TARGETS, 2))
     out = rows_to_metrics(rows)
     assert out == {
         "coco_fp32.map.value": 24.059, "coco_fp32.map.target": 24.059,
@@ -81,28 +99,61 @@ def test_when_selects_the_target_of_the_active_head(repo_root):
     wanted = {"seed": (24.059, 23.879), "gluoncv": (25.1, None)}
     for head, (fp32, int8) in wanted.items():
         data["convert"]["coco"]["head"] = head
-        targets = {t.metric: t.value for t in active_targets(params.targets, data)}
+        active = active_targets(params.targets, data)
+        targets = {t.metric: t.value for t in active.values()}
         assert targets.get("coco_fp32.map") == fp32 and targets.get("coco_int8.map") == int8
         assert targets["train_voc.acc"] == 0.7835
         assert targets["voc_fp32.map"] == 77.6 and targets["voc_int8.map"] == 77.46
-    assert {(f.metric, f.reference, f.ratio) for f in params.floors} == {
+    assert {(f.metric, f.reference, f.ratio) for f in params.floors.values()} == {
         ("coco_int8.map", "coco_fp32.map", 0.99), ("voc_int8.map", "voc_fp32.map", 0.99),
         ("coco_bf16.map", "coco_fp32.map", 0.99), ("voc_bf16.map", "voc_fp32.map", 0.99)}
+    # the training accuracy is diffed against the seed's, informational only (issue 10 item 7)
+    informational = {t.metric for t in params.targets.values() if t.informational}
+    assert informational == {"train_voc.acc"}
+
+
+@pytest.mark.parametrize("targets, needle", [
+    ("[{metric: a.map, value: 1.0, tolerance: 0.1}]", "compare.targets: Value error, must be a "
+     "mapping of name -> entry"),
+    ("{a.b: {metric: a.map, value: 1.0, tolerance: 0.1}}",
+     "compare.targets: name 'a.b': String should match pattern"),
+    ("{t: {metric: a.map, value: 1.0, tolerance: 0.1, configuration: [convert..head]}}",
+     "compare.targets.t.configuration.0"),
+    ("{t: {metric: a.map, value: 1.0, tolerance: 0.1, informational: yes please}}",
+     "compare.targets.t.informational: Input should be a valid boolean"),
+])
+def test_targets_are_a_mapping_of_names(targets, needle):
+    """Keyed by a name (no dots: one `dvc exp run -S compare.targets.<name>.value=` key)."""
+    data = yaml.safe_load(f"compare: {{targets: {targets}}}")
+    with pytest.raises(ParamsError) as err:
+        parse_section(data, "compare", CompareParams)
+    assert needle in str(err.value)
+
+
+def test_a_configuration_key_must_name_a_param():
+    targets = {"t": Target(metric="a.map", value=1.0, tolerance=0.1,
+                           configuration=["convert.coco.heads"])}
+    with pytest.raises(ParamsError, match="compare.targets.t.configuration: key "
+                                          "'convert.coco.heads' is not in"):
+        active_targets(targets, {"convert": {"coco": {"head": "seed"}}})
 
 
 def test_bad_conditions_are_params_errors():
-    both = [Target(metric="a.map", value=1.0, tolerance=0.1),
-            Target(metric="a.map", value=2.0, tolerance=0.1, when={"convert.coco.head": "seed"})]
-    with pytest.raises(ParamsError, match="both apply to 'a.map'"):
+    both = {"any": Target(metric="a.map", value=1.0, tolerance=0.1),
+            "seed": Target(metric="a.map", value=2.0, tolerance=0.1,
+                           when={"convert.coco.head": "seed"})}
+    with pytest.raises(ParamsError, match="compare.targets.any and compare.targets.seed both "
+                                          "apply to 'a.map'"):
         active_targets(both, {"convert": {"coco": {"head": "seed"}}})
-    assert [t.value for t in active_targets(both, {"convert": {"coco": {"head": "x"}}})] == [1.0]
+    assert [t.value for t in active_targets(both, {"convert": {"coco": {"head": "x"}}})
+            .values()] == [1.0]
     with pytest.raises(ParamsError, match="key 'convert.coco.head' is not in"):
-        active_targets(both[1:], {"convert": {}})
+        active_targets({"seed": both["seed"]}, {"convert": {}})
     # YAML true is not 1: a condition of another type can never hold, so it is refused
-    flag = [Target(metric="a.map", value=1.0, tolerance=0.1, when={"x": 1})]
+    flag = {"f": Target(metric="a.map", value=1.0, tolerance=0.1, when={"x": 1})}
     with pytest.raises(ParamsError, match="1 is a number but x is a boolean"):
         active_targets(flag, {"x": True})
-    assert active_targets(flag, {"x": 2}) == []  # same type, another value: just inactive
+    assert active_targets(flag, {"x": 2}) == {}  # same type, another value: just inactive
 
 
 @pytest.mark.parametrize("key, wanted, params, needle", [
@@ -124,21 +175,10 @@ def test_bad_conditions_are_params_errors():
 def test_when_value_that_can_never_hold_is_a_params_error(key, wanted, params, needle):
     """The gate used to drop a target whose `when` value no params file has (`Seed` for
     `seed`) and pass without it: such a target applies to nothing and is refused."""
-    targets = [Target(metric="coco_fp32.map", value=10.0, tolerance=0.1, when={key: wanted})]
+    targets = {"t": Target(metric="coco_fp32.map", value=10.0, tolerance=0.1, when={key: wanted})}
     with pytest.raises(ParamsError) as err:
         active_targets(targets, params)
-    assert f"compare.targets.0.when.{key}" in str(err.value) and needle in str(err.value)
-
-
-def test_read_metrics_files(tmp_path):
-    (tmp_path / "good.json").write_text('{"map": 1.5, "per_class": {"cat": 2.0}}')
-    (tmp_path / "bad.json").write_text('{"map": 1.5')
-    (tmp_path / "list.json").write_text('[1]')
-    files = [tmp_path / n for n in ("good.json", "bad.json", "list.json", "gone.json")]
-    metrics = read_metrics_files(files)
-    assert metrics["good"] == {"map": 1.5, "per_class.cat": 2.0}
-    assert "not valid JSON" in metrics["bad"] and "JSON object" in metrics["list"]
-    assert "cannot read" in metrics["gone"]
+    assert f"compare.targets.t.when.{key}" in str(err.value) and needle in str(err.value)
 
 
 def test_project_pipeline_wires_every_target(repo_root, monkeypatch):
@@ -150,8 +190,8 @@ def test_project_pipeline_wires_every_target(repo_root, monkeypatch):
 
     data = yaml.safe_load((repo_root / "params.yaml").read_text())
     params = parse_section(data, "compare", CompareParams)
-    names = {t.metric.split(".")[0] for t in params.targets}
-    names |= {m.split(".")[0] for f in params.floors for m in (f.metric, f.reference)}
+    names = {t.metric.split(".")[0] for t in params.targets.values()}
+    names |= {m.split(".")[0] for f in params.floors.values() for m in (f.metric, f.reference)}
     monkeypatch.chdir(repo_root)
     declared = declared_metrics()
     assert names <= {n for n, p in declared.items() if p}, names - set(declared)
@@ -160,6 +200,6 @@ def test_project_pipeline_wires_every_target(repo_root, monkeypatch):
         cmd_files = stage.cmd.split("--metrics", 1)[1].split()
         deps = {d.def_path for d in stage.deps}
     assert {declared[n] for n in names} <= set(cmd_files) <= deps
-    when_keys = {k for t in params.targets for k in t.when}
+    when_keys = {k for t in params.targets.values() for k in t.when}
     listed = {p for dep in stage.deps if hasattr(dep, "params") for p in dep.params}
     assert when_keys | {"compare"} <= listed

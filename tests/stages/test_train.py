@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from stages.common import run_stage
+from stages.outputs import MARKER
 from stages.train import main
 from tests.stages.train_helpers import CLASSES, SIZE, train_params, write_devkit
 
@@ -102,18 +103,81 @@ def test_interrupted_run_resumes_to_the_same_result(devkit, tmp_path):
         "deterministic": True, "environment": {"MXNET_ENFORCE_DETERMINISM": "1",
                                                "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}}
     assert "determinism controls" not in out + resumed.stderr
-    # dvclive curves: every epoch once, the same values (the replayed part included); the
-    # speed differs between runs, of course
-    curves, again = live_values(clean_dir / "live"), live_values(killed_dir / "live")
-    speed = "plots/metrics/train/images_per_s.tsv"
-    assert len(curves.pop(speed)) == len(again.pop(speed)) == 1 + 4
-    assert curves == again
+    # dvclive: every epoch once, the same values (the replayed part included), and no speed:
+    # its git-tracked files, metrics.json (read by `dvc metrics diff`) included, are
+    # byte-identical between the two runs
+    for rel in ("metrics.json", *sorted(p.relative_to(clean_dir / "live").as_posix()
+                                        for p in (clean_dir / "live").rglob("*.tsv"))):
+        assert (clean_dir / "live" / rel).read_bytes() == (killed_dir / "live" / rel) \
+            .read_bytes(), rel
+    summary = json.loads((clean_dir / "live/metrics.json").read_text())
+    assert "images_per_s" not in json.dumps(summary) and summary["step"] == 4
+    curves = live_values(clean_dir / "live")
+    assert "plots/metrics/train/images_per_s.tsv" not in curves
     assert [row.split("\t")[0] for row in curves["plots/metrics/train/loss.tsv"][1:]] == \
         ["1", "2", "3", "4"]
     assert len(curves["plots/metrics/val/map.tsv"]) == 1 + 2  # epochs 2 and 4
     # GluonCV's recipe lowers the loss too (the flip path: see above)
-    history = json.loads(next((clean_dir / "model/ckpt").glob("*.json")).read_text())["history"]
-    assert history[-1]["loss"] < history[0]["loss"]
+    losses = [float(row.split("\t")[1]) for row in curves["plots/metrics/train/loss.tsv"][1:]]
+    assert losses[-1] < losses[0]
+    # both completed: no checkpoint is left that a later run would resume from
+    for d in (clean_dir, killed_dir):
+        assert sorted(os.listdir(d / "model/ckpt")) == [MARKER]
+
+
+def test_a_completed_run_leaves_nothing_to_resume_so_a_forced_rerun_retrains(
+        devkit, tmp_path, monkeypatch, capfd):
+    """`dvc repro -f train` after a completed run used to "resume" at the last epoch and finish
+    in seconds; now the second run trains every epoch again, to the same bytes."""
+    cwd, args = workdir(tmp_path, devkit, epochs=2, splits=[[2007, "train"]], val_interval=0)
+    monkeypatch.chdir(cwd)
+    outputs = ("metrics/train_voc.json", "model/trained/net.params", "model/trained/net.json",
+               "live/metrics.json")
+    assert run_stage(main, args) == 0
+    first = {rel: (cwd / rel).read_bytes() for rel in outputs}
+    assert sorted(os.listdir(cwd / "model/ckpt")) == [MARKER]
+    capfd.readouterr()
+    assert run_stage(main, args) == 0
+    log = capfd.readouterr().err
+    assert "stages.training: epoch 1/2:" in log and "stages.training: epoch 2/2:" in log
+    assert "resuming" not in log
+    assert {rel: (cwd / rel).read_bytes() for rel in outputs} == first
+    # the per-epoch history the removed checkpoints held is in the model's provenance, without
+    # the per-run speed (net.json above is byte-identical)
+    history = json.loads(first["model/trained/net.json"])["provenance"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not {"seconds", "images_per_s"} & {k for h in history for k in h}
+
+
+def test_a_pretrained_base_file_is_an_input_recorded_with_its_digest(devkit, tmp_path,
+                                                                     monkeypatch, capsys):
+    """pretrained_base: true takes the base weights file from --pretrained-base (in the
+    pipeline: fetch_weights' vgg16_atrous); its sha1 is in the provenance and in the resume
+    key (checkpoints made from another base file are not resumed)."""
+    import hashlib
+
+    import mxnet as mx
+
+    from stages.models import build_detector
+
+    donor = build_detector("demo_ssd", CLASSES, None, seed=99)
+    donor(mx.nd.zeros((1, 3, SIZE, SIZE)))
+    donor.features.save_parameters(str(tmp_path / "base.params"))
+    cwd, args = workdir(tmp_path / "run", devkit, epochs=1, splits=[[2007, "train"]],
+                        val_interval=0, pretrained_base=True)
+    monkeypatch.chdir(cwd)
+    assert run_stage(main, args) == 2  # the flag is required with pretrained_base: true
+    assert "train.voc.pretrained_base is True: --pretrained-base is required" in \
+        capsys.readouterr().err
+    assert run_stage(main, [*args, "--pretrained-base", str(tmp_path / "base.params")]) == 0
+    meta = json.loads((cwd / "model/trained/net.json").read_text())["provenance"]
+    assert meta["pretrained_base"] == hashlib.sha1(
+        (tmp_path / "base.params").read_bytes()).hexdigest()
+    (cwd / "params.yaml").write_text((cwd / "params.yaml").read_text().replace(
+        "pretrained_base: true", "pretrained_base: false"))
+    assert run_stage(main, [*args, "--pretrained-base", str(tmp_path / "base.params")]) == 2
+    assert "pretrained_base is False: --pretrained-base must not be given" in \
+        capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_clear_error(devkit, tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 
 from stages.models import GLUONCV_MEAN, GLUONCV_STD
 from stages.train_data import (SeededTransform, derive_seed, epoch_batches, flip_batch,
-                               normalize)
+                               normalize, shard_batch)
 
 
 def test_epoch_order_is_a_seeded_full_cover():
@@ -59,3 +59,25 @@ def test_normalize_is_gluoncv_imagenet_normalisation_in_chw():
     mean, std = np.array(GLUONCV_MEAN), np.array(GLUONCV_STD)
     np.testing.assert_allclose(x[0, :, 1, 1], -mean / std, rtol=1e-6)
     np.testing.assert_allclose(x[0, :, 0, 0], (1 - mean) / std, rtol=1e-6)
+
+
+def test_workers_split_every_global_batch_into_contiguous_shares():
+    for epoch in (0, 1):
+        for batch in epoch_batches(10, 4, seed=1, epoch=epoch):
+            assert shard_batch(batch, 0, 1) == batch
+            assert shard_batch(batch, 0, 2) + shard_batch(batch, 1, 2) == batch
+            assert [len(shard_batch(batch, r, 4)) for r in range(4)] == [1, 1, 1, 1]
+    # a new shuffle every epoch: worker 0's first share changes
+    assert shard_batch(epoch_batches(10, 4, 1, 0)[0], 0, 2) != \
+        shard_batch(epoch_batches(10, 4, 1, 1)[0], 0, 2)
+
+
+def test_a_workers_share_gets_the_flips_of_the_global_batch():
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 255, (4, 4, 6, 3)).astype(np.uint8)
+    labels = np.tile(np.array([[[1, 0, 3, 2, 0]]], np.float32), (4, 1, 1))
+    whole = flip_batch(images, labels, np.random.RandomState(9))
+    parts = [flip_batch(images[s:s + 2], labels[s:s + 2], np.random.RandomState(9), draws=4,
+                        start=s) for s in (0, 2)]
+    for k in (0, 1):
+        np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), whole[k])

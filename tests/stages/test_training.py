@@ -146,7 +146,7 @@ def fitted(devkit, tmp_path_factory):
     p = TrainParams.model_validate(train_params(epochs=4, val_interval=4, lr_decay_epochs=[]))
     train_set = load_voc(str(devkit), p.splits, CLASSES)
     val_set = load_voc(str(devkit), [p.val_split], CLASSES)
-    net = build_detector(p.network, CLASSES, p.pretrained_base, p.seed)
+    net = build_detector(p.network, CLASSES, None, p.seed)
     history = fit(net, train_set, range(len(train_set)), val_set, p, CLASSES, [mx.cpu()],
                   ckpt, "digest", on_epoch=lambda r: None)
     return net, history, p, ckpt, val_set

@@ -135,7 +135,8 @@ def test_unknown_archive_type(work):
 
 def test_cli_bad_params_exit_2_naming_the_key(work):
     make_zip(work / "archives" / "a.zip", {"a": b"1"})
-    params = {"data": {"coco": {"archives": [{"url": "a.zip", "md5": "0" * 32, "sha1": "0" * 40}],
+    params = {"data": {"coco": {"archives": {"a": {"url": "a.zip", "md5": "0" * 32,
+                                                   "sha1": "0" * 40}},
                                 "expect": ["a"]}},
               "unpack": {"max_total_bytes": 10, "max_member": 5}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -179,7 +180,8 @@ def test_cli_refuses_an_out_it_must_not_replace(work, out, needle):
     (work / "target" / "keep.txt").write_text("keep")
     (work / "link").symlink_to("target")
     (work / "file").write_text("a file")
-    params = {"data": {"coco": {"archives": [{"url": "a.zip", "md5": "0" * 32, "sha1": "0" * 40}],
+    params = {"data": {"coco": {"archives": {"a": {"url": "a.zip", "md5": "0" * 32,
+                                                   "sha1": "0" * 40}},
                                 "expect": ["a"]}},
               "unpack": {"max_total_bytes": 1000, "max_members": 5}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
