@@ -1,4 +1,4 @@
-"""Speed of COCO evaluation: the model alone, the evaluate stage, GluonCV's own loop; FP32 vs INT8.
+"""Speed of COCO evaluation: the model alone, the evaluate stage, GluonCV's own loop; FP32, INT8, BF16.
 
     python benchmarks/bench_coco.py                       # seed head, batches 1 8 64, ~25 min
     python benchmarks/bench_coco.py --batches 8 --images 64 --out bench.json
@@ -35,7 +35,11 @@ Weights: SSD300-VGG16-COCO with random weights shaped like a trained detector's
 weights (printed). Speed depends on the weights only through that number.
 
 Precisions are a list (``PRECISIONS``): a new one needs an entry there (how to make its model
-from the FP32 one) and nothing else here.
+from the FP32 one) and nothing else here. BF16 (``stages.bf16``, MXNet AMP) needs a CPU with BF16
+instructions (avx512_bf16 or amx_bf16): without them the run stops before measuring, as the
+pipeline's bf16 stages do (``--precisions fp32 int8`` measures without it). The precisions of one
+configuration (head, batch, mode) are measured back to back, so their ratios share the moment's
+load on a shared machine.
 """
 from __future__ import annotations
 
@@ -79,8 +83,20 @@ def make_int8(fp32_prefix: Path, out: Path, calib: np.ndarray) -> None:
     export_block(net, out, check_input(SIZE))
 
 
+def make_bf16(fp32_prefix: Path, out: Path, calib: np.ndarray) -> None:  # noqa: ARG001
+    """BF16 model from the FP32 one, as the convert_bf16 stage makes it."""
+    from stages.bf16 import export_bf16, to_bf16
+    from stages.export import check_input
+    from stages.inference import load_symbol_block
+
+    x = check_input(SIZE)
+    export_bf16(to_bf16(load_symbol_block(fp32_prefix), x), out, x)
+
+
 # precision -> how to make its model from the FP32 export (None: the FP32 export itself)
-PRECISIONS = {"fp32": None, "int8": make_int8}
+PRECISIONS = {"fp32": None, "int8": make_int8, "bf16": make_bf16}
+# the body/head split cuts the graph and loses a BF16 graph's casts: not measured for these
+NO_PARTS = ("bf16",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +267,9 @@ def report(rows: list[dict], heads: list[str], precisions: list[str],
     lines = ["| head | precision | batch | model img/s | stage img/s | stage/model time, "
              "whole / without setup (goal <= 1.05) | stage setup s | GluonCV loop img/s "
              "(workers 0 / 4) | stage speed-up vs GluonCV's best (goal >= 1.2 INT8 b8, >= 1 "
-             "else) | summary stats equal to GluonCV's | stage INT8/FP32, whole / without "
-             "setup (goal >= 3.5) | stage speed-up vs before (--before) | peak MB at batch 64: "
+             "else) | summary stats equal to GluonCV's | stage speed over FP32, whole / without "
+             "setup (goal INT8 >= 3.5, BF16 >= 1.3) | stage speed-up vs before (--before) | "
+             "peak MB at batch 64: "
              "model / stage / before / GluonCV (w0, w4) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in heads:
@@ -339,6 +356,14 @@ def main() -> None:
         return
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if "bf16" in args.precisions:
+        from stages.bf16 import read_cpuinfo, require_bf16
+        from stages.common import StageError
+
+        try:
+            require_bf16(read_cpuinfo())  # no point timing emulated bfloat16
+        except StageError as exc:
+            sys.exit(f"{exc}\n(measure without it: --precisions fp32 int8)")
     started = time.time()
     print(f"{machine()}\nload average at start {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_coco_") as tmp:
@@ -357,7 +382,7 @@ def main() -> None:
         before = str(export_source(args.before, root / "before")) if args.before else None
         common = {"images_dir": str(images), "annotations": str(annotations),
                   "repeats": args.repeats, "threads": args.threads, "scorer": args.scorer, "work": str(root / "work")}
-        for (head, precision), prefix in prefixes.items():
+        for head in args.heads:
             for b in args.batches:
                 modes = [("model", None), ("stage", None)] + [("e2e", None)] * args.e2e
                 if args.before:
@@ -365,17 +390,19 @@ def main() -> None:
                 if args.gluoncv:
                     modes += [("gluoncv", w) for w in GLUONCV_WORKERS]
                 for mode, workers in modes:
-                    job = {**common, "prefix": str(prefix), "head": head,
-                           "precision": precision, "batch": b, "mode": mode,
-                           "loader_workers": workers,
-                           "src": before if mode == "stage-before" else None}
-                    rows.append(run_worker(job, args.threads))
-                    print(json.dumps({k: v for k, v in rows[-1].items()
-                                      if not k.startswith("stats")}), flush=True)
-            job = {**common, "prefix": str(prefix), "head": head, "precision": precision,
-                   "batch": args.parts_batch, "mode": "parts"}
-            rows.append(run_worker(job, args.threads))
-            print(json.dumps(rows[-1]), flush=True)
+                    for precision in args.precisions:  # back to back: the same load
+                        job = {**common, "prefix": str(prefixes[(head, precision)]),
+                               "head": head, "precision": precision, "batch": b, "mode": mode,
+                               "loader_workers": workers,
+                               "src": before if mode == "stage-before" else None}
+                        rows.append(run_worker(job, args.threads))
+                        print(json.dumps({k: v for k, v in rows[-1].items()
+                                          if not k.startswith("stats")}), flush=True)
+            for precision in [p for p in args.precisions if p not in NO_PARTS]:
+                job = {**common, "prefix": str(prefixes[(head, precision)]), "head": head,
+                       "precision": precision, "batch": args.parts_batch, "mode": "parts"}
+                rows.append(run_worker(job, args.threads))
+                print(json.dumps(rows[-1]), flush=True)
     print(f"\n{machine()}; {args.threads} OpenMP threads; {args.images} images; load average "
           f"at the end {os.getloadavg()[0]:.2f} (other processes skew absolute numbers); "
           f"total {time.time() - started:.0f} s\n")

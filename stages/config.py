@@ -18,7 +18,7 @@ PARAMS_FILE = "params.yaml"
 
 # Every top-level section any params.yaml of this project may have (main and demo pipelines).
 SECTIONS = ("data", "download", "unpack", "generate", "weights", "convert", "train", "quantize",
-            "evaluate", "compare", "plots")
+            "bf16", "evaluate", "compare", "plots")
 
 
 class UsageError(ValueError):

@@ -14,10 +14,31 @@ from stages.common import StageError, atomic_path
 from stages.inference import Detections, ImageItem, read_image
 
 
+PRECISIONS = ("fp32", "int8", "bf16")
+SENSITIVITY_HEADER = ("layer", "agreement_alone", "sensitivity", "kept_fp32")
+
+
 def expect_precision(meta: dict, prefix: Path, precision: str) -> None:
-    """Refuse a model whose meta says another precision than the stage was asked to evaluate."""
+    """Refuse a model whose meta says another precision than the stage was asked to evaluate,
+    and a BF16 model on a CPU without BF16 instructions (it would crawl: stages/bf16.py)."""
     if meta["precision"] != precision:
         raise StageError(f"{prefix} is a {meta['precision']} model, not {precision}")
+    if precision == "bf16":
+        from stages.bf16 import read_cpuinfo, require_bf16
+
+        require_bf16(read_cpuinfo())
+
+
+def precision_tables(meta: dict) -> dict[str, str]:
+    """Eval-dir files of one precision: an INT8 model's ``sensitivity.csv`` (each tuned
+    layer's agreement when quantized alone, its sensitivity, whether it was kept in FP32; the
+    header only when it was not tuned)."""
+    if meta["precision"] != "int8":
+        return {}
+    from stages.tuning import sensitivity_rows
+
+    return {"sensitivity.csv": csv_text(SENSITIVITY_HEADER, sensitivity_rows(meta.get("tuning")),
+                                        float_digits=4)}
 
 
 def latency_summary(seconds: Sequence[float], images: int, wall: float, batch_size: int,

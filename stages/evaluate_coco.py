@@ -37,7 +37,8 @@ from stages.coco_eval import (category_ids_for, image_items, load_coco, metrics_
 from stages.common import dumps_json, file_digest, library_versions, main_guard, round_floats, \
     write_json
 from stages.config import Section, load_branch
-from stages.eval_outputs import csv_text, expect_precision, latency_summary, write_eval_dir
+from stages.eval_outputs import (PRECISIONS, csv_text, expect_precision, latency_summary,
+                                 precision_tables, write_eval_dir)
 from stages.inference import (configure_threads, detect_all, load_detector, model_files,
                               read_meta, subgraph_backend)
 from stages.outputs import check_outputs
@@ -69,7 +70,9 @@ def provenance(branch: str, precision: str, model: Path, meta: dict, annotations
                   "head_params": meta.get("head_params"),
                   "params_md5": file_digest(f"{model}-0000.params"),
                   "calibration": meta.get("calibration"),
-                  "quantized_layers": len(meta.get("quantized_layers", []))},
+                  "quantized_layers": len(meta.get("quantized_layers", [])),
+                  "tuning": meta.get("tuning"), "bf16": meta.get("bf16"),
+                  "made_on": meta.get("cpu")},
         "annotations_md5": file_digest(annotations),
         "params": p.model_dump(),
         "scorer": {"name": p.scorer, "version": metadata.version(p.scorer)},
@@ -82,7 +85,7 @@ def provenance(branch: str, precision: str, model: Path, meta: dict, annotations
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("branch", help="params section evaluate.<branch>, e.g. coco")
-    parser.add_argument("precision", choices=("fp32", "int8"))
+    parser.add_argument("precision", choices=PRECISIONS)
     parser.add_argument("--model", required=True, type=Path, help="symbolic model prefix")
     parser.add_argument("--images", required=True, type=Path, help="image dir (val2017)")
     parser.add_argument("--annotations", required=True, type=Path, help="instances json")
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "pr.csv": csv_text(("recall", "precision"), pr_curve(scores.precision), float_digits=6),
         "provenance.json": dumps_json(provenance(args.branch, args.precision, args.model, meta,
                                                  args.annotations, p, threads)),
+        **precision_tables(meta),
     }, items, detections, meta["classes"], p.samples, p.draw_thresh)
     write_json(args.metrics, metrics)
     phases["write_s"] = time.perf_counter() - mark

@@ -34,7 +34,8 @@ from pydantic import Field
 from stages.common import dumps_json, file_digest, library_versions, main_guard, round_floats, \
     write_json
 from stages.config import Section, load_branch
-from stages.eval_outputs import csv_text, expect_precision, latency_summary, write_eval_dir
+from stages.eval_outputs import (PRECISIONS, csv_text, expect_precision, latency_summary,
+                                 precision_tables, write_eval_dir)
 from stages.inference import configure_threads, load_detector, model_files, read_meta
 from stages.outputs import check_outputs
 from stages.voc import (Frame, Split, as_triples, detect_voc, detections_records, image_ids,
@@ -61,7 +62,7 @@ class EvaluateVocParams(Section):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("branch", help="params branch: reads evaluate.<branch>")
-    parser.add_argument("precision", choices=("fp32", "int8"), help="precision of --model")
+    parser.add_argument("precision", choices=PRECISIONS, help="precision of --model")
     parser.add_argument("--model", required=True, type=Path, help="symbolic model prefix P")
     parser.add_argument("--data", required=True, type=Path, help="VOCdevkit root")
     parser.add_argument("--metrics", required=True, type=Path, help="accuracy metrics json")
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": {f"evaluate.{args.branch}": p.model_dump()},
             "frame": p.frame,
             "libraries": library_versions()}),
+        **precision_tables(meta),
     }, image_items(dataset, n), detections, classes, p.samples, p.draw_thresh)
     write_json(args.speed, round_floats(speed))
     write_json(args.metrics, round_floats({"map": scores["map"], "images": n}))

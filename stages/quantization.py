@@ -105,9 +105,11 @@ def excluded_layers(symbol_file: Path, patterns: Sequence[str]) -> list[str]:
 
 
 def quantize(fp32_net, calib_data: np.ndarray | None, data_shape: int, p: Calibration,
-             calib_log: logging.Logger | None):
+             calib_log: logging.Logger | None, keep_fp32: Sequence[str] = ()):
     """Quantize ``fp32_net`` (a SymbolBlock) with calibration batches ``calib_data`` → INT8
-    SymbolBlock. Given a logger, MXNet also logs every layer's decision and range (C++, fd 2)."""
+    SymbolBlock. Given a logger, MXNet also logs every layer's decision and range (C++, fd 2).
+    ``keep_fp32``: exact layer names kept in FP32 besides ``p.exclude_layers``' patterns (the
+    layers accuracy-aware tuning chose)."""
     from mxnet.contrib.quantization import quantize_net_v2
 
     kwargs = {}
@@ -119,6 +121,7 @@ def quantize(fp32_net, calib_data: np.ndarray | None, data_shape: int, p: Calibr
     verbose = os.environ.get("MXNET_QUANTIZATION_VERBOSE")
     try:
         return quantize_net_v2(fp32_net, quantized_dtype=p.quantized_dtype, quantize_mode="full",
+                               exclude_layers=list(keep_fp32),
                                exclude_layers_match=list(p.exclude_layers),
                                calib_mode=p.calib_mode, ctx=mx.cpu(), logger=calib_log, **kwargs)
     finally:  # MXNet turns its verbose C++ log on for good when given a logger

@@ -13,7 +13,8 @@ from tests.browser import open_page
 from tests.demo_run import dvc
 
 # The page's sections, in reading order (report/page.html).
-SECTIONS = ["section-verdict", "section-precisions", "section-training", "section-samples"]
+SECTIONS = ["section-verdict", "section-precisions", "section-tuning", "section-training",
+            "section-samples"]
 LOCAL = ("file://", "data:", "about:", "blob:")
 
 

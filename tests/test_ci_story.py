@@ -163,7 +163,8 @@ def test_the_ci_story_on_the_demo(demo_run, repo_root, tmp_path):
     repro = run_step(steps[REPRO], demo, tmp_path)
     assert repro.returncode == 0
     assert stages_run(repro) == {"convert_coco", "quantize_coco", "evaluate_coco@fp32",
-                                 "evaluate_coco@int8", "compare"}
+                                 "evaluate_coco@int8", "convert_bf16_coco",
+                                 "evaluate_coco@bf16", "compare"}
     commit(clone, "PR: one detection per image")
     gate = run_step(steps[GATE], demo, tmp_path, BASE_REF=branch)
     assert (tmp_path / "github_output").read_text() == "code=1\n"

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from stages.config import SECTIONS, parse_section
 from stages.convert import ConvertParams
+from stages.convert_bf16 import Bf16Params
 from stages.data_params import Dataset
 from stages.download import DownloadParams
 from stages.evaluate_coco import EvaluateParams
@@ -28,7 +29,7 @@ from stages.unpack import UnpackParams
 MODELS: dict[str, type[BaseModel]] = {
     "data.*": Dataset, "download": DownloadParams, "unpack": UnpackParams,
     "generate": GenerateParams, "weights.*": WeightsParams, "train.*": TrainParams,
-    "convert.*": ConvertParams, "quantize.*": QuantizeParams,
+    "convert.*": ConvertParams, "quantize.*": QuantizeParams, "bf16.*": Bf16Params,
     "evaluate.coco": EvaluateParams, "evaluate.voc": EvaluateVocParams,
     "compare": CompareParams,
 }

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ROOT = PACKAGE_DIR.parent
 PIPELINES = ("dvc.yaml", "demo/dvc.yaml")
 # Stage modules that no pipeline cmd names but users run as stages.
-EXTRA_STAGE_MODULES = ("stages.gate",)
+EXTRA_STAGE_MODULES = ("stages.gate", "stages.frontier")
 # Data stages allowed to list only their own module: their outputs are verified against md5 and
 # sha1 checksums pinned in params (data.<dataset>.archives) or in GluonCV's model store registry
 # (fetch_weights), so a helper changing cannot make them wrong unnoticed, and listing shared

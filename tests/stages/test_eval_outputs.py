@@ -64,3 +64,28 @@ def test_a_model_of_another_precision_is_refused():
     eval_outputs.expect_precision({"precision": "int8"}, Path("m/int8"), "int8")
     with pytest.raises(StageError, match="m/fp32 is a fp32 model, not int8"):
         eval_outputs.expect_precision({"precision": "fp32"}, Path("m/fp32"), "int8")
+
+
+def test_a_bf16_model_is_refused_on_a_cpu_without_bf16(monkeypatch):
+    from stages import bf16
+    from tests.stages.test_bf16 import CASCADE, EPYC
+
+    monkeypatch.setattr(bf16, "read_cpuinfo", lambda: CASCADE)
+    with pytest.raises(StageError, match="no BF16 instructions"):
+        eval_outputs.expect_precision({"precision": "bf16"}, Path("m/bf16"), "bf16")
+    eval_outputs.expect_precision({"precision": "int8"}, Path("m/int8"), "int8")  # unaffected
+    monkeypatch.setattr(bf16, "read_cpuinfo", lambda: EPYC)
+    eval_outputs.expect_precision({"precision": "bf16"}, Path("m/bf16"), "bf16")
+
+
+def test_int8_sensitivity_table_with_and_without_tuning():
+    tuning = {"kept_fp32": ["conv3"], "sensitivity": [
+        {"layer": "conv3", "agreement_alone": 81.9, "sensitivity": 18.1},
+        {"layer": "conv1", "agreement_alone": 99.5, "sensitivity": 0.5}]}
+    tables = eval_outputs.precision_tables({"precision": "int8", "tuning": tuning})
+    assert tables["sensitivity.csv"].splitlines() == [
+        "layer,agreement_alone,sensitivity,kept_fp32",
+        "conv3,81.9000,18.1000,1", "conv1,99.5000,0.5000,0"]
+    untuned = eval_outputs.precision_tables({"precision": "int8"})
+    assert untuned == {"sensitivity.csv": "layer,agreement_alone,sensitivity,kept_fp32\n"}
+    assert eval_outputs.precision_tables({"precision": "bf16"}) == {}

@@ -105,7 +105,8 @@ def test_when_selects_the_target_of_the_active_head(repo_root):
         assert targets["train_voc.acc"] == 0.7835
         assert targets["voc_fp32.map"] == 77.6 and targets["voc_int8.map"] == 77.46
     assert {(f.metric, f.reference, f.ratio) for f in params.floors.values()} == {
-        ("coco_int8.map", "coco_fp32.map", 0.99), ("voc_int8.map", "voc_fp32.map", 0.99)}
+        ("coco_int8.map", "coco_fp32.map", 0.99), ("voc_int8.map", "voc_fp32.map", 0.99),
+        ("coco_bf16.map", "coco_fp32.map", 0.99), ("voc_bf16.map", "voc_fp32.map", 0.99)}
     # the training accuracy is diffed against the seed's, informational only (issue 10 item 7)
     informational = {t.metric for t in params.targets.values() if t.informational}
     assert informational == {"train_voc.acc"}
