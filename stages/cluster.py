@@ -35,7 +35,8 @@ from typing import Annotated, Callable, Literal, Mapping, Sequence
 from pydantic import Field, model_validator
 
 from stages.config import ParamsError, Section
-from stages.launcher import LOCAL_HOST, SSH_OPTIONS, NodeSpec
+from stages.launcher import NodeSpec
+from stages.remote import LOCAL_HOST, SSH_OPTIONS
 
 KEY = "train.voc.distributed"  # how errors name the section (the branch is always voc today)
 HOST_PATTERN = r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9_][A-Za-z0-9_.:-]*$"

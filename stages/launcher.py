@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import os
 import selectors
-import shlex
 import signal
 import subprocess
 import sys
@@ -29,10 +28,8 @@ import time
 from typing import Callable, Iterator, Mapping, Optional, Sequence, TextIO
 
 from stages.common import StageError
+from stages.remote import LOCAL_HOST, local_env, ssh_argv, ssh_hint
 
-LOCAL_HOST = "localhost"  # a node placed here is a local process, anything else goes over ssh
-SSH_OPTIONS = ("-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-               "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4")
 MAX_LINE = 1 << 16  # a line longer than this is cut (a process printing without newlines)
 
 
@@ -54,24 +51,6 @@ class NodeSpec:
     host: str = LOCAL_HOST
     cwd: str = "."
     watched: bool = False
-
-
-def ssh_argv(host: str, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> list[str]:
-    """The local command that runs ``argv`` in ``cwd`` on ``host`` with ``env`` set.
-
-    ``exec`` keeps the remote process the leader of the session sshd made for it, so its
-    ``exit_with_parent()`` can kill its whole group. Every piece is shell-quoted.
-    """
-    assignments = [f"{k}={v}" for k, v in sorted(env.items())]
-    remote = (f"cd {shlex.quote(cwd)} && exec env "
-              + " ".join(shlex.quote(x) for x in [*assignments, *argv]))
-    return ["ssh", *SSH_OPTIONS, host, remote]
-
-
-def local_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The launcher's environment without inherited DMLC_* roles, with ``env`` on top."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DMLC_")}
-    return {**base, **env}
 
 
 def describe_exit(code: int) -> str:
@@ -253,7 +232,8 @@ def _supervise(job: _Job, timeout_s: float, linger_s: float) -> None:
         job.pump(0.2)
         failed = [n for n in job.reap() if n.code != 0]
         if failed:  # several at once: a worker's death can crash the others' ps-lite
-            raise JobFailed("; ".join(f"{n.label()} {describe_exit(n.code)}{_ssh_hint(n)}"
+            raise JobFailed("; ".join(f"{n.label()} {describe_exit(n.code)}"
+                                      f"{ssh_hint(n.spec.host, n.code)}"
                                       for n in failed) + "; stopped every process of the job")
         now = job.clock()
         if all(n.code is not None for n in watched):
@@ -278,13 +258,6 @@ def _supervise(job: _Job, timeout_s: float, linger_s: float) -> None:
             raise JobFailed(f"no progress: no worker printed anything for {silent:.0f} s "
                             f"(progress_timeout_s {timeout_s:g}); {details}; "
                             "stopped every process of the job")
-
-
-def _ssh_hint(node: _Node) -> str:
-    if node.spec.host != LOCAL_HOST and node.code == 255:
-        return (f" (ssh's code for a failed connection to {node.spec.host}, or for a remote "
-                "process killed by a signal)")
-    return ""
 
 
 class JobInterrupted(JobFailed):

@@ -36,7 +36,7 @@ the kvstore averages the gradients, worker 0 writes everything below. Off (``dev
 
 Outputs: ``--out``: ``net.params`` + ``net.json`` (network, classes, data_shape, provenance
 with the determinism controls in effect and the pretrained base's sha1); ``--metrics``: ``acc``
-(anchor accuracy averaged over all training anchors, see ``training.summarize``), ``loss``
+(anchor accuracy averaged over all training anchors, see ``train_metrics.summarize``), ``loss``
 (last epoch), ``epochs``; ``--speed``: ``images_per_s`` (kept apart so identical reruns give
 byte-identical accuracy files); ``--live``: dvclive curves of accuracy figures only, no speed
 (rebuilt from the checkpoint history on resume, so they too match an uninterrupted run byte for
@@ -64,7 +64,8 @@ from stages.outputs import check_outputs, claim_dir
 from stages.parallel import Heartbeat, Solo, connect, exit_now_on_failure, exit_with_parent, serve
 from stages.train_job import (CODE_ENV, FINGERPRINT_ENV, PARAMS_ENV, StagePaths, code_digest,
                               launch)
-from stages.training import apply_determinism, contexts, fit, summarize
+from stages.train_metrics import summarize
+from stages.training import apply_determinism, contexts, fit
 from stages.voc import VOC_CLASSES, Split, image_ids, labels, load_voc
 
 log = logging.getLogger(__name__)

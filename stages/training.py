@@ -5,7 +5,7 @@ cosine learning-rate schedule (``learning_rate``). ``fit`` trains epoch by epoch
 batches of ``stages.train_data``, checkpoints through ``stages.checkpoints`` (and resumes from
 the latest valid checkpoint), validates every ``val_interval`` epochs and hands every epoch's
 record to a callback (the train stage logs it with dvclive). The same loop runs as one worker
-of a data-parallel job (``stages.parallel``): see ``fit`` and ``combine``.
+of a data-parallel job (``stages.parallel``): see ``fit`` and ``stages.train_metrics``.
 
 Validation is the evaluation's own path: ``stages.voc.detect_voc`` (shared inference: GluonCV's
 SSD validation preprocessing, boxes clipped to the network input) on the Gluon SSD in inference
@@ -31,6 +31,7 @@ from stages.common import StageError
 from stages.models import GLUONCV_MEAN, GLUONCV_STD
 from stages.parallel import Solo
 from stages.train_data import Loading, TrainData
+from stages.train_metrics import combine
 from stages.voc import detect_voc, in_frame, labels, score_voc07
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ VAL_FRAME = "network"  # GluonCV's train_ssd.py scores in the data_shape input (
 # algorithms (cuDNN convolutions included; MXNet errors out where none exists), and cuDNN's
 # autotuning (which times candidate algorithms and may pick another one per run) off.
 DETERMINISM_ENV = {"MXNET_ENFORCE_DETERMINISM": "1", "MXNET_CUDNN_AUTOTUNE_DEFAULT": "0"}
-LOSS_KEYS = ("loss", "cls_loss", "box_loss")  # an epoch record's mean batch losses
-COUNT_KEYS = ("correct", "counted", "images")  # and its counts
 
 
 class Recipe(Loading, Protocol):
@@ -85,7 +84,7 @@ def apply_determinism(deterministic: bool, environ=None) -> dict[str, str | None
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure helpers: learning rate, accuracy, summaries
+# Pure helpers: learning rate, accuracy
 
 def learning_rate(p: Recipe, iteration: int, iters_per_epoch: int) -> float:
     """Learning rate at a (0-based) global iteration: linear warmup, then step or cosine."""
@@ -118,26 +117,6 @@ def anchor_accuracy(cls_pred, cls_target, negative_mining_ratio: float = NEGATIV
     mask = (pos + hard_negative) > 0
     correct = (nd.argmax(cls_pred, axis=-1) == cls_target) * mask
     return int(correct.sum().asscalar()), int(mask.sum().asscalar())
-
-
-def summarize(history: Sequence[dict]) -> dict:
-    """Training metrics from the per-epoch history.
-
-    ``acc``: correct / counted anchors summed over every batch of every epoch (a micro-average
-    over all anchors that entered the loss during training: the same statistic as the seed's
-    cls_accuracy 0.783513, not a comparable value, since the seed's averages <= 5 epochs of
-    another sample, batch size and anchor set; compare shows it as informational only);
-    ``loss``: the last epoch's mean batch loss; ``images_per_s``: images
-    trained / seconds spent in the training loops (validation and checkpointing excluded).
-    """
-    counted = sum(h["counted"] for h in history)
-    seconds = sum(h["seconds"] for h in history)
-    return {
-        "acc": sum(h["correct"] for h in history) / counted if counted else 0.0,
-        "loss": history[-1]["loss"],
-        "epochs": history[-1]["epoch"],
-        "images_per_s": sum(h["images"] for h in history) / seconds if seconds else 0.0,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,22 +230,6 @@ def validate(net, dataset, p: Recipe, classes: Sequence[str], ctx: list) -> floa
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-def combine(group, record: dict) -> dict:
-    """An epoch's record over all workers of ``group`` (the identity for one process).
-
-    Counts (anchors, images) are summed; the loss parts are the mean over workers of each
-    worker's loss (normalised by its own positive anchors: the objective the averaged gradient
-    descends); speed is all images over worker 0's seconds.
-    """
-    losses, counts = group.sum([record[k] for k in LOSS_KEYS],
-                               [record[k] for k in COUNT_KEYS])
-    out = {**record, **{k: v / group.size for k, v in zip(LOSS_KEYS, losses)},
-           **dict(zip(COUNT_KEYS, counts))}
-    out["anchor_acc"] = out["correct"] / out["counted"] if out["counted"] else 0.0
-    out["images_per_s"] = out["images"] / out["seconds"] if out["seconds"] else 0.0
-    return out
-
 
 def fit(net, train_set, train_indices: Sequence[int], val_set, p: Recipe,
         classes: Sequence[str], ctx: list, checkpoints: Path, digest: str,

@@ -16,7 +16,9 @@ from stages.parallel import Heartbeat, Solo
 
 HANG_GUARD_S = 300.0  # far above the test's run time: a failure must not be found by timeout
 
-WORKER = textwrap.dedent("""
+# A worker program: joins the two-worker dist_sync job as rank argv[1], then runs its body (code
+# using ``rank`` and ``group``) as the inside of ``run``, under exit_now_on_failure.
+WORKER_FRAME = textwrap.dedent("""
     import json, logging, os, sys
     os.environ["OMP_NUM_THREADS"] = "1"
     from stages.parallel import connect, exit_now_on_failure, exit_with_parent
@@ -26,41 +28,51 @@ WORKER = textwrap.dedent("""
     def run():
         rank = int(sys.argv[1])
         group = connect("dist_sync", rank, 2)
-        import mxnet as mx
-        import numpy as np
-        from mxnet import autograd, gluon
-        out = {}
-        out["sum"] = group.sum([0.1 * (rank + 1), 1e10 / 3], [rank + 1, 2**40 + rank, 0])
-        out["empty"] = group.sum()
-        blob = bytes(range(256)) * 4 + b"odd"
-        out["bytes_ok"] = group.broadcast_bytes(blob if rank == 0 else None) == blob
-        out["empty_bytes"] = group.broadcast_bytes(b"" if rank == 0 else None).decode()
-        # A linear model initialised differently on each worker: after the trainer is made,
-        # every worker holds the same weights, and one SGD step (lr 1) subtracts the mean of
-        # the workers' gradients (the gradient of sum(x @ w) is the column sums of x).
-        mx.random.seed(rank)
-        net = gluon.nn.Dense(1, use_bias=False, in_units=2)
-        net.initialize(mx.init.Normal(1.0))
-        trainer = group.make_trainer(net.collect_params(), "sgd", {"learning_rate": 1.0})
-        group.check_identical([net.weight.data()], "initial weights")
-        w0 = net.weight.data().asnumpy().ravel()
-        xs = [np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([[0.5, 0.25], [2.0, 8.0]])]
-        with autograd.record():
-            loss = net(mx.nd.array(xs[rank])).sum()
-        loss.backward()
-        trainer.step(1)
-        group.check_identical([net.weight.data()], "weights")
-        out["averaged"] = [net.weight.data().asnumpy().ravel().tolist(),
-                           (w0 - (xs[0].sum(0) + xs[1].sum(0)) / 2).tolist()]
-        try:
-            group.check_identical([mx.nd.ones((3,)) * rank], "test arrays")
-            out["different"] = "passed"
-        except Exception as exc:
-            out["different"] = str(exc)
-        print("RESULT " + json.dumps(out), flush=True)
-        return 0
+    {body}
 
     exit_now_on_failure(run)
+""")
+
+
+def worker_script(body: str) -> str:
+    """The worker program whose ``run`` goes on with ``body`` (after joining the job)."""
+    return WORKER_FRAME.format(body=textwrap.indent(textwrap.dedent(body).strip(), "    "))
+
+
+WORKER = worker_script("""
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+    out = {}
+    out["sum"] = group.sum([0.1 * (rank + 1), 1e10 / 3], [rank + 1, 2**40 + rank, 0])
+    out["empty"] = group.sum()
+    blob = bytes(range(256)) * 4 + b"odd"
+    out["bytes_ok"] = group.broadcast_bytes(blob if rank == 0 else None) == blob
+    out["empty_bytes"] = group.broadcast_bytes(b"" if rank == 0 else None).decode()
+    # A linear model initialised differently on each worker: after the trainer is made,
+    # every worker holds the same weights, and one SGD step (lr 1) subtracts the mean of
+    # the workers' gradients (the gradient of sum(x @ w) is the column sums of x).
+    mx.random.seed(rank)
+    net = gluon.nn.Dense(1, use_bias=False, in_units=2)
+    net.initialize(mx.init.Normal(1.0))
+    trainer = group.make_trainer(net.collect_params(), "sgd", {"learning_rate": 1.0})
+    group.check_identical([net.weight.data()], "initial weights")
+    w0 = net.weight.data().asnumpy().ravel()
+    xs = [np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([[0.5, 0.25], [2.0, 8.0]])]
+    with autograd.record():
+        loss = net(mx.nd.array(xs[rank])).sum()
+    loss.backward()
+    trainer.step(1)
+    group.check_identical([net.weight.data()], "weights")
+    out["averaged"] = [net.weight.data().asnumpy().ravel().tolist(),
+                       (w0 - (xs[0].sum(0) + xs[1].sum(0)) / 2).tolist()]
+    try:
+        group.check_identical([mx.nd.ones((3,)) * rank], "test arrays")
+        out["different"] = "passed"
+    except Exception as exc:
+        out["different"] = str(exc)
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
 """)
 
 
@@ -170,23 +182,12 @@ def test_a_worker_that_dies_leaves_the_others_blocked_until_the_timeout(tmp_path
 
 def test_a_worker_that_raises_exits_at_once_instead_of_waiting_in_mxnet_shutdown(tmp_path):
     """Without exit_now_on_failure, the failed worker would sit in MXNet's exit barrier."""
-    script = textwrap.dedent("""
-        import logging, os, sys
-        os.environ["OMP_NUM_THREADS"] = "1"
+    script = worker_script("""
         from stages.common import StageError
-        from stages.parallel import connect, exit_now_on_failure, exit_with_parent
-        exit_with_parent()
-        logging.basicConfig()
-
-        def run():
-            rank = int(sys.argv[1])
-            group = connect("dist_sync", rank, 2)
-            if rank == 1:
-                raise StageError("worker 1 gives up")
-            group.sum([1.0])
-            return 0
-
-        exit_now_on_failure(run)
+        if rank == 1:
+            raise StageError("worker 1 gives up")
+        group.sum([1.0])
+        return 0
     """)
     p = loopback(2, progress_timeout_s=HANG_GUARD_S)
     out = Tee()

@@ -1,5 +1,5 @@
-"""The training engine: learning rate, the loss's anchor accuracy, summaries, and a real fit
-of the demo SSD on a tiny generated VOC set (validation through the evaluation's path)."""
+"""The training engine: learning rate, the loss's anchor accuracy, and a real fit of the demo
+SSD on a tiny generated VOC set (validation through the evaluation's path)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from stages.models import GLUONCV_MEAN, GLUONCV_STD, build_detector
 from stages.train import TrainParams
-from stages.training import anchor_accuracy, fit, learning_rate, summarize, validate
+from stages.training import anchor_accuracy, fit, learning_rate, validate
 from tests.stages.train_helpers import CLASSES, train_params, write_devkit
 from tests.stages.voc_helpers import write_border_devkit
 
@@ -69,12 +69,6 @@ def test_learning_rate_schedules():
     cos = TrainParams.model_validate({**p.model_dump(), "schedule": "cosine"})
     assert learning_rate(cos, 10, 5) == pytest.approx(0.1)  # right after warmup
     assert learning_rate(cos, 49, 5) < 0.001
-
-
-def test_summary_averages_over_all_anchors():
-    history = [{"epoch": 1, "correct": 1, "counted": 4, "loss": 9.0, "images": 8, "seconds": 2.0},
-               {"epoch": 2, "correct": 9, "counted": 12, "loss": 3.0, "images": 8, "seconds": 2.0}]
-    assert summarize(history) == {"acc": 10 / 16, "loss": 3.0, "epochs": 2, "images_per_s": 4.0}
 
 
 # ---------------------------------------------------------------------------------------------
