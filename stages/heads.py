@@ -97,8 +97,13 @@ class Detector(HybridBlock):
         self.base_size = float(base_size)
         self.num_anchors = int(anchors.shape[1])
         self.ssd = ssd  # registered as a child: its parameters keep their names
-        self.head_anchors = self.params.get_constant(f"{spec.kind}_head_anchors", anchors)
-        self.head_anchors.initialize(ctx=mx.cpu())
+        # A parameter that is never trained, not Gluon's get_constant: a constant's symbol
+        # carries an initializer named after the id() of its value, so every export would write
+        # a different symbol.json (and dvc.lock a new md5) for the same model.
+        self.head_anchors = self.params.get(f"{spec.kind}_head_anchors", shape=anchors.shape,
+                                            differentiable=False)
+        self.head_anchors.initialize(init=mx.init.Zero(), ctx=mx.cpu())
+        self.head_anchors.set_data(mx.nd.array(anchors, dtype="float32"))
 
     def hybrid_forward(self, F, x, head_anchors):  # noqa: N803 - MXNet's signature
         spec = self.spec

@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import random
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -59,18 +61,25 @@ def pick_calibration(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
     return random.Random(seed).sample(sorted(paths), n)
 
 
+CPP_TIME = re.compile(r"^\[\d\d:\d\d:\d\d\] ", re.MULTILINE)  # dmlc's "[15:11:45] " prefix
+
+
 @contextlib.contextmanager
 def stderr_to(path: Path) -> Iterator[logging.Logger]:
-    """Send file descriptor 2 (MXNet's C++ log) and a calibration logger to ``path``."""
+    """Send file descriptor 2 (MXNet's C++ log), Python warnings and a calibration logger to
+    ``path``. The file is reproducible: no clock times (dmlc's prefix is removed when the block
+    ends) and warnings without the file path of the code that raised them."""
     sys.stderr.flush()
     saved = os.dup(2)
     calib_log = logging.getLogger(f"{__name__}.calibration")
-    with open(path, "a", encoding="utf-8") as fh:
+    with open(path, "a", encoding="utf-8") as fh, warnings.catch_warnings():
         handler = logging.StreamHandler(fh)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         calib_log.addHandler(handler)
         calib_log.setLevel(logging.INFO)
         calib_log.propagate = False
+        warnings.showwarning = lambda message, category, *_args, **_kw: calib_log.warning(
+            "%s: %s", category.__name__, message)
         os.dup2(fh.fileno(), 2)
         try:
             yield calib_log
@@ -80,6 +89,7 @@ def stderr_to(path: Path) -> Iterator[logging.Logger]:
             os.dup2(saved, 2)
             os.close(saved)
             calib_log.removeHandler(handler)
+    path.write_text(CPP_TIME.sub("", path.read_text(errors="replace")), encoding="utf-8")
 
 
 def quantized_layers(symbol_json: str) -> list[dict]:

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,15 @@ def test_stderr_and_the_calibration_logger_go_to_the_file(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "back on the console" in err and "from C++" not in err
     assert not logging.getLogger(calib_log.name).handlers  # the handler is removed again
+
+
+def test_the_calibration_log_has_no_clock_times_or_paths(tmp_path):
+    """The log is a DVC output recorded in dvc.lock: the same run writes the same bytes."""
+    log_file = tmp_path / "calib.log"
+    with quantization.stderr_to(log_file) as calib_log:
+        os.write(2, b"[15:11:45] ../src/operator/x.cc:302: conv0 is quantized.\n")
+        calib_log.info("Quantizing graph")
+        warnings.warn("Cannot decide type", UserWarning)
+    assert log_file.read_text() == ("../src/operator/x.cc:302: conv0 is quantized.\n"
+                                    "INFO Quantizing graph\n"
+                                    "WARNING UserWarning: Cannot decide type\n")
