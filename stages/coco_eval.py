@@ -75,9 +75,10 @@ def image_items(coco, images_dir: Path, max_images: int) -> list[ImageItem]:
 
 def to_coco_results(detections: Iterable[Detections], category_ids: Sequence[int],
                     score_thresh: float, plus_one: bool) -> list[dict]:
-    """COCO results entries (image_id, category_id, bbox xywh, score), rounded for the file:
-    bbox to 3 decimals (numpy's rounding, float64), score to 6 (Python's). Detections scoring
-    under ``score_thresh`` or of a class index outside ``category_ids`` are left out."""
+    """COCO results entries (image_id, category_id, bbox xywh, score) exactly as GluonCV's
+    COCODetectionMetric makes them, unrounded (float64; width ``x2 - (x1 - 1)`` with
+    ``plus_one``), so the stats are GluonCV's to the last digit. Detections scoring under
+    ``score_thresh`` or of a class index outside ``category_ids`` are left out."""
     cats = np.asarray(category_ids, np.int64)
     pad = 1.0 if plus_one else 0.0
     results: list[dict] = []
@@ -88,10 +89,10 @@ def to_coco_results(detections: Iterable[Detections], category_ids: Sequence[int
         if not keep.any():
             continue
         b = np.asarray(det.boxes).reshape(-1, 4)[keep].astype(np.float64)
-        xywh = np.round(np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0] + pad,
-                                  b[:, 3] - b[:, 1] + pad], axis=1), 3).tolist()
+        xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - (b[:, 0] - pad), b[:, 3] - (b[:, 1] - pad)],
+                        axis=1).tolist()
         key = int(det.key)
-        results.extend({"image_id": key, "category_id": c, "bbox": box, "score": round(s, 6)}
+        results.extend({"image_id": key, "category_id": c, "bbox": box, "score": s}
                        for c, box, s in zip(cats[ids[keep]].tolist(), xywh,
                                             scores[keep].astype(np.float64).tolist()))
     return results

@@ -182,7 +182,7 @@ class Detections:
     key: object
     ids: np.ndarray  # (k,) int64
     scores: np.ndarray  # (k,) float32
-    boxes: np.ndarray  # (k, 4) float32
+    boxes: np.ndarray  # (k, 4) float64
     network_boxes: np.ndarray | None = None  # (k, 4) float32, in [0, data_shape]
     image_size: tuple[int, int] | None = None  # (height, width)
 
@@ -220,11 +220,13 @@ def to_detections(key, ids: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
     (as GluonCV's evaluation clips them) and rescaled to the original (height, width)."""
     keep = ids.reshape(-1) >= 0
     h, w = size
-    scale = np.array([w, h, w, h], np.float32) / np.float32(data_shape)
+    # the rescale in float64, as GluonCV's COCODetectionMetric does it (x * (width / shape)),
+    # so the boxes scored are GluonCV's to the last bit
+    scale = np.array([w / data_shape, h / data_shape] * 2, np.float64)
     clipped = np.clip(boxes.reshape(-1, 4)[keep].astype(np.float32), 0, np.float32(data_shape))
     return Detections(key, ids.reshape(-1)[keep].astype(np.int64),
-                      scores.reshape(-1)[keep].astype(np.float32), clipped * scale, clipped,
-                      (int(h), int(w)))
+                      scores.reshape(-1)[keep].astype(np.float32),
+                      clipped.astype(np.float64) * scale, clipped, (int(h), int(w)))
 
 
 def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,

@@ -123,3 +123,34 @@ def test_a_detection_past_the_image_border_is_scored_clipped(tmp_path):
     # the same box unclipped (raw x 2 and x 4/3, +1 width) passes only the thresholds <= 0.75
     unclipped = [dict(results[0], bbox=[-60.0, -20.0, 360.0, 220.0])]
     assert ev.metrics_from(ev.score_detections(coco, unclipped, [1]), 1)["map"] == 60.0
+
+
+def test_results_are_gluoncvs_to_the_last_bit(tmp_path):
+    """The COCO results the stage scores are the ones GluonCV's own COCODetectionMetric makes
+    from the same network output (eval_ssd.py: boxes clipped to the input, rescaled in float64,
+    w = x2 - (x1 - 1)): same boxes and scores, unrounded, so the same stats to the last digit."""
+    from types import SimpleNamespace
+
+    from gluoncv.utils.metrics.coco_detection import COCODetectionMetric
+    from pycocotools.coco import COCO
+
+    sizes = {3: (427, 640), 8: (500, 375), 11: (333, 500)}  # (height, width)
+    gt = COCO()
+    gt.dataset = {"images": [{"id": k, "height": h, "width": w} for k, (h, w) in sizes.items()],
+                  "annotations": [], "categories": [{"id": c} for c in COCO_IDS[:5]]}
+    gt.createIndex()
+    rng = np.random.default_rng(0)
+    n, shape = 40, 300
+    ids = rng.integers(-1, 6, (len(sizes), n, 1)).astype(np.float32)  # 5 = no such class
+    scores = rng.random((len(sizes), n, 1), dtype=np.float32)
+    corners = rng.uniform(-30, 330, (len(sizes), n, 2, 2)).astype(np.float32)
+    boxes = np.concatenate([corners.min(axis=2), corners.max(axis=2)], axis=-1)
+
+    metric = COCODetectionMetric(SimpleNamespace(coco=gt, contiguous_id_to_json=dict(enumerate(COCO_IDS[:5]))),
+                                 str(tmp_path / "gluoncv"), use_time=False, cleanup=True,
+                                 score_thresh=0.05, data_shape=(shape, shape))
+    metric.update(np.clip(boxes, 0, shape), ids, scores)  # eval_ssd.py: bboxes.clip(0, 300)
+    dets = [to_detections(k, ids[i], scores[i], boxes[i], sizes[k], shape)
+            for i, k in enumerate(sorted(sizes))]
+    ours = ev.to_coco_results(dets, COCO_IDS[:5], 0.05, True)
+    assert len(ours) > 50 and ours == metric._results  # pylint: disable=protected-access
