@@ -8,7 +8,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 SIZE = 300
@@ -200,19 +199,8 @@ def mode_gluoncv(job: dict) -> dict:
         metric.get()
         result["stats"] = percent_stats(metric._coco_eval.stats)  # pylint: disable=protected-access
         result["images"] = len(dataset)
-        result["results"] = metric._results  # pylint: disable=protected-access
-        result["coco"] = dataset.coco
 
     seconds = best_of(job["repeats"], run)
-    # Diagnosis of any difference with the stage: GluonCV's results rounded as the stage writes
-    # them (bbox 3 decimals with numpy, score 6 with Python) and scored again with pycocotools.
-    from stages.coco_scoring import score_bbox
-
-    rounded = [dict(r, bbox=np.round(np.asarray(r["bbox"], np.float64), 3).tolist(),
-                    score=round(float(r["score"]), 6)) for r in result.pop("results")]
-    coco = result.pop("coco")
-    result["stats_rounded_like_stage"] = percent_stats(
-        score_bbox(coco, rounded, sorted(coco.getImgIds())).stats)
     return {**result, "images_per_s": result["images"] / seconds, "seconds": seconds,
             "loader_workers": job["loader_workers"]}
 
