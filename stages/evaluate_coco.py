@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -39,8 +40,9 @@ from stages.common import dumps_json, file_digest, library_versions, main_guard,
 from stages.config import Section, load_branch
 from stages.eval_outputs import (PRECISIONS, csv_text, expect_precision, latency_summary,
                                  precision_tables, write_eval_dir)
+from stages.idle import IdleTask
 from stages.inference import (configure_threads, detect_all, load_detector, model_files,
-                              read_meta, subgraph_backend)
+                              read_meta, start_loading, subgraph_backend)
 from stages.outputs import check_outputs
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,21 @@ class EvaluateParams(Section):
     scorer: Literal["pycocotools", "faster-coco-eval"] = "pycocotools"
 
 
-def provenance(branch: str, precision: str, model: Path, meta: dict, annotations: Path,
+def provenance(branch: str, precision: str, model: Path, meta: dict, md5: dict[str, str],
                p: EvaluateParams, threads: int) -> dict:
-    """What produced these numbers (kept out of the metrics file)."""
+    """What produced these numbers (kept out of the metrics file); ``md5``: of the model's
+    params file and of the annotation file."""
     return {
         "branch": branch,
         "precision": precision,
         "model": {"prefix": str(model), "network": meta["network"], "head": meta["head"],
                   "head_params": meta.get("head_params"),
-                  "params_md5": file_digest(f"{model}-0000.params"),
+                  "params_md5": md5["params"],
                   "calibration": meta.get("calibration"),
                   "quantized_layers": len(meta.get("quantized_layers", [])),
                   "tuning": meta.get("tuning"), "bf16": meta.get("bf16"),
                   "made_on": meta.get("cpu")},
-        "annotations_md5": file_digest(annotations),
+        "annotations_md5": md5["annotations"],
         "params": p.model_dump(),
         "scorer": {"name": p.scorer, "version": metadata.version(p.scorer)},
         "threads": threads,
@@ -102,15 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = configure_threads(p.threads)  # before MXNet is imported (load_detector)
     meta = read_meta(args.model)
     expect_precision(meta, args.model, args.precision)
+    # hashed for the provenance record by an idle-priority thread while setup keeps one core
+    md5 = {"params": IdleTask(partial(file_digest, f"{args.model}-0000.params"), "md5-params"),
+           "annotations": IdleTask(partial(file_digest, args.annotations), "md5-annotations")}
     coco = load_coco(args.annotations)
     category_ids = category_ids_for(meta["classes"], coco)
     items = image_items(coco, args.images, p.max_images)
-    net, meta = load_detector(args.model)
-    log.info("evaluating %s (%s head, %s) on %d images, batch %d, %d threads", args.model,
-             meta["head"], args.precision, len(items), p.batch_size, threads)
-
-    phases = {"setup_s": time.perf_counter() - started}
-    detections, latencies, wall = detect_all(net, items, meta, p.batch_size)
+    # images start decoding now, on the core that importing MXNet and loading the model leave
+    with start_loading(items, meta, p.batch_size) as loader:
+        net, meta = load_detector(args.model)
+        log.info("evaluating %s (%s head, %s) on %d images, batch %d, %d threads", args.model,
+                 meta["head"], args.precision, len(items), p.batch_size, threads)
+        phases = {"setup_s": time.perf_counter() - started}
+        detections, latencies, wall = detect_all(net, items, meta, p.batch_size, loader=loader)
     phases["detect_s"] = wall
     mark = time.perf_counter()
     results = to_coco_results(detections, category_ids, p.score_thresh, p.xywh_plus_one)
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                   float_digits=6),
         "pr.csv": csv_text(("recall", "precision"), pr_curve(scores.precision), float_digits=6),
         "provenance.json": dumps_json(provenance(args.branch, args.precision, args.model, meta,
-                                                 args.annotations, p, threads)),
+                                                 {k: t.result() for k, t in md5.items()}, p,
+                                                 threads)),
         **precision_tables(meta),
     }, items, detections, meta["classes"], p.samples, p.draw_thresh)
     write_json(args.metrics, metrics)

@@ -5,9 +5,10 @@
         --eval-dir eval/voc_fp32
 
 Reads params ``evaluate.<branch>`` (split, frame, batch_size, threads, samples, draw_thresh,
-max_images). Detection is ``stages.voc.detect_voc`` over the shared ``stages.inference`` path
-(GluonCV's SSD validation preprocessing, boxes clipped to the network input) — the same call
-the train stage validates with; scoring is GluonCV's ``VOC07MApMetric`` in the frame of params
+max_images). Detection is the shared ``stages.inference`` path (GluonCV's SSD validation
+preprocessing, boxes clipped to the network input) on the images of ``stages.voc.image_items``
+— what ``stages.voc.detect_voc``, the train stage's validation, runs too — with the images
+decoding from before the model is loaded (``start_loading``); scoring is GluonCV's ``VOC07MApMetric`` in the frame of params
 ``frame`` (``stages.voc.in_frame``): ``network`` (default: the data_shape input with the
 ground truth resized alongside, where GluonCV's eval_ssd.py scores and the model zoo's 77.6 was
 measured) or ``original`` (the image's own pixels).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 
 from pydantic import Field
@@ -36,9 +38,11 @@ from stages.common import dumps_json, file_digest, library_versions, main_guard,
 from stages.config import Section, load_branch
 from stages.eval_outputs import (PRECISIONS, csv_text, expect_precision, latency_summary,
                                  precision_tables, write_eval_dir)
-from stages.inference import configure_threads, load_detector, model_files, read_meta
+from stages.idle import IdleTask
+from stages.inference import (configure_threads, detect_all, load_detector, model_files,
+                              read_meta, start_loading)
 from stages.outputs import check_outputs
-from stages.voc import (Frame, Split, as_triples, detect_voc, detections_records, image_ids,
+from stages.voc import (Frame, Split, as_triples, detections_records, image_ids,
                         image_items, in_frame, labels, load_voc, per_class_rows, pr_rows,
                         score_voc07)
 
@@ -79,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     meta = read_meta(args.model)
     expect_precision(meta, args.model, args.precision)
     classes = list(meta["classes"])
+    # hashed for the provenance record by an idle-priority thread while setup keeps one core
+    params_md5 = IdleTask(partial(file_digest, f"{args.model}-0000.params"), "md5-params")
     dataset = load_voc(args.data, [p.split], classes)
     n = min(p.max_images, len(dataset)) if p.max_images else len(dataset)
-    net, meta = load_detector(args.model)
-    log.info("evaluating %s (%s, %s head) on %d images of VOC%d %s, batch %d, %d threads; "
-             "scored in the %s frame", args.model, args.precision, meta["head"], n, *p.split,
-             p.batch_size, threads, p.frame)
-
-    detections, seconds, wall = detect_voc(net, meta, dataset, n, p.batch_size, desc="evaluate")
+    items = image_items(dataset, n)
+    # images start decoding now, on the core that loading the model leaves idle
+    with start_loading(items, meta, p.batch_size) as loader:
+        net, meta = load_detector(args.model)
+        log.info("evaluating %s (%s, %s head) on %d images of VOC%d %s, batch %d, %d threads; "
+                 "scored in the %s frame", args.model, args.precision, meta["head"], n,
+                 *p.split, p.batch_size, threads, p.frame)
+        detections, seconds, wall = detect_all(net, items, meta, p.batch_size, "evaluate",
+                                               loader)
     scores = score_voc07(*in_frame(detections, labels(dataset)[:n], p.frame,
                                    int(meta["data_shape"])), classes)
     recall, precision = scores["pr"]
@@ -99,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          as_triples(detections))),
         "provenance.json": dumps_json({
             "model": {"prefix": str(args.model), "meta": meta,
-                      "params_md5": file_digest(f"{args.model}-0000.params")},
+                      "params_md5": params_md5.result()},
             "params": {f"evaluate.{args.branch}": p.model_dump()},
             "frame": p.frame,
             "libraries": library_versions()}),
         **precision_tables(meta),
-    }, image_items(dataset, n), detections, classes, p.samples, p.draw_thresh)
+    }, items, detections, classes, p.samples, p.draw_thresh)
     write_json(args.speed, round_floats(speed))
     write_json(args.metrics, round_floats({"map": scores["map"], "images": n}))
     log.info("VOC07 mAP %.2f on %d images (%s, %s frame); %.1f img/s", scores["map"], n,

@@ -19,10 +19,15 @@ the network leaves idle and never preempt MXNet's OpenMP threads (a preempted Op
 stalls its whole team at the next barrier). When the caller needs a batch that is not complete,
 it loads the missing images itself at normal priority, so the loader never waits on a starved
 background thread for long (see ``BatchLoader``).
+
+A loader started before the caller's setup (importing MXNet, loading the model: one busy core
+for a second or more) gets a head start: its threads may load the first ``head_start_bytes``
+of batches at once, on the core that setup leaves idle, so those images cost the network
+nothing later.
 """
 from __future__ import annotations
 
-import os
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stages.common import StageError
+from stages.idle import lower_thread_priority
 
 
 @dataclass(frozen=True)
@@ -102,23 +108,6 @@ class Batch:
     data: np.ndarray  # (B, 3, S, S) float32
 
 
-def lower_thread_priority() -> None:
-    """Make the calling thread run only on CPU time nobody else wants (best effort).
-
-    Linux: ``SCHED_IDLE``. Elsewhere, or if refused: the highest nice value for this thread
-    (Linux's setpriority on a thread id), else nothing.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0 = the calling thread
-        return
-    except (AttributeError, OSError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
 class BatchLoader:
     """Batches of ``items`` in order, each image loaded once by whichever thread gets to it.
 
@@ -129,14 +118,24 @@ class BatchLoader:
     again by the consumer. Both write the same bytes to the same place, so the duplicate is
     harmless. The first error of an image is raised in the consumer when its batch is due.
     With ``workers=0`` the consumer loads everything itself (no threads).
+
+    ``head_start_bytes``: the background threads may load the first batches holding up to that
+    many bytes of preprocessed images whatever the consumer is doing, e.g. while the caller
+    still loads its model; further batches only ``ahead`` of the one due. Memory: at most
+    ``max(head start, ahead + 1 batches)`` of batches at a time.
+
+    Usable as a context manager that stops the threads on exit (a caller that fails before
+    iterating must not leave them running).
     """
 
     def __init__(self, items: Sequence[ImageItem], preprocess: Preprocessor, batch_size: int,
                  workers: int = 1, ahead: int = 2, idle_priority: bool = True,
-                 steal_after_s: float = 0.02) -> None:
+                 steal_after_s: float = 0.02, head_start_bytes: int = 0) -> None:
         self.groups = [list(g) for g in chunks(items, batch_size)]
         self.preprocess = preprocess
         self.ahead = max(int(ahead), 0)
+        image_bytes = 3 * preprocess.size * preprocess.size * 4  # float32 CHW
+        self.head_start = math.floor(max(head_start_bytes, 0) / (image_bytes * batch_size))
         self.steal_after_s = steal_after_s
         self.cond = threading.Condition()
         self.queue = [(g, j) for g, group in enumerate(self.groups) for j in range(len(group))]
@@ -149,6 +148,10 @@ class BatchLoader:
                         for i in range(workers if self.groups else 0)]
         for thread in self.threads:
             thread.start()
+
+    def covers(self, items: Sequence[ImageItem], batch_size: int) -> bool:
+        """Whether this loader batches exactly ``items`` by ``batch_size``."""
+        return self.groups == [list(g) for g in chunks(items, batch_size)]
 
     # -- shared state (call with self.cond held) --------------------------------------------
 
@@ -198,7 +201,7 @@ class BatchLoader:
             with self.cond:
                 task = None
                 while not self.closed:
-                    task = self._claim(self.due + 1 + self.ahead)
+                    task = self._claim(max(self.due + 1 + self.ahead, self.head_start))
                     if task is not None:
                         break
                     if self.next_task >= len(self.queue):
@@ -236,6 +239,12 @@ class BatchLoader:
                 yield Batch([it.key for it in group], batch["sizes"], batch["data"])
         finally:
             self.close()
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self, wait_s: float = 1.0) -> None:
         """Stop the background threads: idle ones exit at once; one in the middle of an image

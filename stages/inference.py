@@ -11,13 +11,17 @@ before MXNet starts OpenMP, since OMP_NUM_THREADS is only read then.
 Typical use::
 
     configure_threads(params.threads)
-    net, meta = load_detector(prefix)
+    meta = read_meta(prefix)
     images = [ImageItem(key, path), ...]
-    for result in detect_batches(net, images, meta, batch_size):
-        result.seconds                     # forward + copy-out time of this batch
-        for det in result.detections:      # one per image, in input order
-            det.key, det.ids, det.scores, det.boxes   # valid rows only, boxes in original pixels
-            det.network_boxes, det.image_size         # the same boxes in network-input pixels
+    with start_loading(images, meta, batch_size) as loader:  # decoding starts now ...
+        net, meta = load_detector(prefix)                    # ... while MXNet loads the model
+        for result in detect_batches(net, images, meta, batch_size, loader=loader):
+            result.seconds                     # forward + copy-out time of this batch
+            for det in result.detections:      # one per image, in input order
+                det.key, det.ids, det.scores, det.boxes  # valid rows, boxes in original pixels
+                det.network_boxes, det.image_size        # the same boxes in network-input pixels
+
+``detect_batches(net, images, meta, batch_size)`` without a loader starts one itself.
 
 Preprocessing is GluonCV's SSD validation transform (``SSDDefaultValTransform``): RGB image
 resized to data_shape x data_shape (OpenCV, interpolation picked like ``imresize(interp=9)``:
@@ -157,6 +161,22 @@ def load_batch(items: Sequence[ImageItem], data_shape: int, mean, std) -> Batch:
                                  workers=0)))
 
 
+# What a loader started before the model may decode ahead while the caller sets up: 128 MiB of
+# preprocessed images (124 at 300 x 300), no more than two batches of 64 take anyway.
+HEAD_START_BYTES = 128 << 20
+
+
+def start_loading(items: Sequence[ImageItem], meta: dict, batch_size: int, prefetch: int = 2,
+                  workers: int = 1) -> BatchLoader:
+    """Start loading ``items`` for ``detect_batches(..., loader=...)`` now, before the model is
+    loaded: its threads decode the first ``HEAD_START_BYTES`` of images on the core the caller's
+    setup (importing MXNet, loading the model) leaves idle. Use it as a context manager, so a
+    setup that fails stops the threads."""
+    return BatchLoader(items, Preprocessor(int(meta["data_shape"]), meta["mean"], meta["std"]),
+                       batch_size, workers=workers, ahead=prefetch,
+                       head_start_bytes=HEAD_START_BYTES)
+
+
 def iter_batches(items: Sequence[ImageItem], data_shape: int, mean, std, batch_size: int,
                  prefetch: int = 2, workers: int = 1) -> Iterator[Batch]:
     """Batches of ``items`` in order; ``workers`` low-priority threads load images up to
@@ -230,18 +250,23 @@ def to_detections(key, ids: np.ndarray, scores: np.ndarray, boxes: np.ndarray,
 
 
 def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
-                   prefetch: int = 2, workers: int = 1) -> Iterator[BatchResult]:
+                   prefetch: int = 2, workers: int = 1,
+                   loader: BatchLoader | None = None) -> Iterator[BatchResult]:
     """Detect on ``items`` batch by batch; yields one BatchResult per batch, in order.
 
     ``net`` is any block mapping a (B, 3, S, S) batch to (ids, scores, bboxes): a loaded
     symbolic detector or a Gluon network. Images are loaded by ``workers`` low-priority threads
     up to ``prefetch`` batches ahead, and by this thread when it would otherwise wait
-    (``iter_batches``).
+    (``iter_batches``); or by ``loader``, one ``start_loading`` started on the same ``items``
+    and ``batch_size`` earlier.
     """
     size = int(meta["data_shape"])
     inputs: dict = {}
-    for batch in iter_batches(items, size, meta["mean"], meta["std"], batch_size, prefetch,
-                              workers):
+    if loader is not None and not loader.covers(items, batch_size):
+        raise ValueError("loader was started on other items or another batch size")
+    batches = loader if loader is not None else iter_batches(
+        items, size, meta["mean"], meta["std"], batch_size, prefetch, workers)
+    for batch in batches:
         start = time.perf_counter()
         ids, scores, boxes = run_network(net, batch.data, inputs)
         seconds = time.perf_counter() - start
@@ -251,16 +276,17 @@ def detect_batches(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
 
 
 def detect_all(net, items: Sequence[ImageItem], meta: dict, batch_size: int,
-               desc: str = "detect") -> tuple[list[Detections], list[float], float]:
+               desc: str = "detect", loader: BatchLoader | None = None
+               ) -> tuple[list[Detections], list[float], float]:
     """Detect on every item with a progress bar → (detections in item order, per-batch compute
-    seconds, wall seconds end to end)."""
+    seconds, wall seconds end to end); ``loader`` as in ``detect_batches``."""
     from tqdm import tqdm
 
     detections: list[Detections] = []
     seconds: list[float] = []
     start = time.perf_counter()
     with tqdm(total=len(items), desc=desc, unit="img", disable=None) as bar:
-        for result in detect_batches(net, items, meta, batch_size):
+        for result in detect_batches(net, items, meta, batch_size, loader=loader):
             detections.extend(result.detections)
             seconds.append(result.seconds)
             bar.update(len(result.detections))

@@ -1,5 +1,5 @@
-import os
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -125,16 +125,60 @@ def test_missing_file_names_the_path(tmp_path):
         images.read_bgr(tmp_path / "nope.jpg")
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
-def test_background_threads_run_at_idle_priority():
-    seen = []
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
-    def probe():
-        images.lower_thread_priority()
-        seen.append(os.sched_getscheduler(0))
 
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join()
-    assert seen == [os.SCHED_IDLE]
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is untouched
+def test_a_head_start_loads_its_batches_before_the_consumer_asks_and_no_more(tmp_path):
+    """Started before the caller's setup, the threads load the batches of the head start at
+    once (ahead=0 would otherwise keep them on batch 0), and none beyond it."""
+    items = write_images(tmp_path, 12)
+    prep = images.Preprocessor(16, (0, 0, 0), (1, 1, 1))
+    image_bytes = 3 * 16 * 16 * 4
+    with images.BatchLoader(items, prep, 2, workers=2, ahead=0,
+                            head_start_bytes=3 * 2 * image_bytes + image_bytes) as loader:
+        assert loader.head_start == 3  # 3.5 batches of bytes: 3 whole batches
+        # nobody iterates yet: the threads load batches 0-2 (6 images) and stop there
+        assert wait_for(lambda: all(loader.state.get(g, {}).get("left") == 0 for g in range(3)))
+        time.sleep(0.2)
+        assert loader.next_task == 6 and set(loader.state) == {0, 1, 2}
+        batches = list(loader)
+    assert [b.keys for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    for b, start in zip(batches, range(0, 12, 2)):
+        assert np.array_equal(b.data, expected_batch(items[start:start + 2]))
+    assert not loader_threads()
+
+
+def test_without_a_head_start_the_threads_stay_ahead_batches_ahead(tmp_path):
+    items = write_images(tmp_path, 12)
+    with images.BatchLoader(items, images.Preprocessor(16, (0, 0, 0), (1, 1, 1)), 2,
+                            workers=2, ahead=1) as loader:
+        assert loader.head_start == 0
+        assert wait_for(lambda: all(loader.state.get(g, {}).get("left") == 0 for g in range(2)))
+        time.sleep(0.2)
+        assert loader.next_task == 4  # batches 0 and 1 (the due one and one ahead)
+
+
+def test_leaving_the_with_block_before_iterating_stops_the_threads(tmp_path):
+    """A caller whose setup fails (e.g. the model does not load) must not leave loaders."""
+    items = write_images(tmp_path, 40)
+    with pytest.raises(RuntimeError, match="setup failed"):
+        with images.BatchLoader(items, images.Preprocessor(16, (0, 0, 0), (1, 1, 1)), 2,
+                                workers=2, head_start_bytes=1 << 20):
+            raise RuntimeError("setup failed")
+    assert not loader_threads()
+
+
+def test_covers_tells_the_items_and_batch_size_it_was_started_on(tmp_path):
+    items = write_images(tmp_path, 5)
+    with images.BatchLoader(items, images.Preprocessor(16, (0, 0, 0), (1, 1, 1)), 2,
+                            workers=0) as loader:
+        assert loader.covers(items, 2)
+        assert not loader.covers(items, 3)
+        assert not loader.covers(items[:4], 2)
+        assert not loader.covers(items[1:] + items[:1], 2)

@@ -119,3 +119,34 @@ def test_configure_threads_sets_openmp(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     assert inference.configure_threads(0) == os.cpu_count()
     assert os.environ["OMP_NUM_THREADS"] == str(os.cpu_count())
+
+
+def test_a_loader_started_before_the_model_gives_the_same_detections(tmp_path):
+    rng = np.random.RandomState(1)
+    items = []
+    for i, (h, w) in enumerate([(96, 160), (200, 120), (128, 128), (64, 200), (150, 150)]):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(encode_jpeg(rng.randint(0, 255, (h, w, 3)).astype(np.uint8)))
+        items.append(inference.ImageItem(i, path))
+    meta = {"data_shape": 128, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    with inference.start_loading(items, meta, 2) as loader:
+        assert loader.head_start >= 3  # every batch of this set may load before the model
+        net = like_trained_stock_head()
+        got, _, _ = inference.detect_all(net, items, meta, 2, loader=loader)
+    want, _, _ = inference.detect_all(net, items, meta, 2)
+    assert [d.key for d in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(got, want):
+        assert a.image_size == b.image_size
+        for field in ("ids", "scores", "boxes", "network_boxes"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+
+
+@pytest.mark.parametrize("other", ["batch size", "items"])
+def test_a_loader_of_other_images_or_batches_is_refused(tmp_path, other):
+    items = write_images(tmp_path, [(20, 20)] * 5)
+    meta = {"data_shape": 16, "mean": (0, 0, 0), "std": (1, 1, 1)}
+    with inference.start_loading(items, meta, 2) as loader:
+        batch_size, used = (3, items) if other == "batch size" else (2, items[:4])
+        with pytest.raises(ValueError, match="other items or another batch size"):
+            next(inference.detect_batches(lambda x: None, used, meta, batch_size,
+                                          loader=loader))
