@@ -6,10 +6,10 @@
 
 Reads params ``evaluate.<branch>`` (split, frame, batch_size, threads, samples, draw_thresh,
 max_images). Detection is the shared ``stages.inference`` path (GluonCV's SSD validation
-preprocessing, boxes clipped to the network input) on the images of ``stages.voc.image_items``
-— what ``stages.voc.detect_voc``, the train stage's validation, runs too — with the images
-decoding from before the model is loaded (``start_loading``); scoring is GluonCV's ``VOC07MApMetric`` in the frame of params
-``frame`` (``stages.voc.in_frame``): ``network`` (default: the data_shape input with the
+preprocessing, boxes clipped to the network input) on the images of ``stages.voc.image_items``,
+as ``stages.voc.detect_voc`` (the train stage's validation) runs it, with the images decoding
+from before the model is loaded (``start_loading``); scoring is GluonCV's ``VOC07MApMetric``
+in the frame of params ``frame`` (``stages.voc.in_frame``): ``network`` (default: the data_shape input with the
 ground truth resized alongside, where GluonCV's eval_ssd.py scores and the model zoo's 77.6 was
 measured) or ``original`` (the image's own pixels).
 

@@ -27,7 +27,6 @@ nothing later.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -135,7 +134,7 @@ class BatchLoader:
         self.preprocess = preprocess
         self.ahead = max(int(ahead), 0)
         image_bytes = 3 * preprocess.size * preprocess.size * 4  # float32 CHW
-        self.head_start = math.floor(max(head_start_bytes, 0) / (image_bytes * batch_size))
+        self.head_start = max(head_start_bytes, 0) // (image_bytes * batch_size)  # batches
         self.steal_after_s = steal_after_s
         self.cond = threading.Condition()
         self.queue = [(g, j) for g, group in enumerate(self.groups) for j in range(len(group))]

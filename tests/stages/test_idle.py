@@ -5,9 +5,10 @@ import threading
 import pytest
 
 from stages import idle
+from tests.stages.waiting import wait_for
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="os.SCHED_IDLE exists on Linux only")
 def test_background_threads_run_at_idle_priority():
     seen = []
 
@@ -22,7 +23,7 @@ def test_background_threads_run_at_idle_priority():
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is untouched
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policy")
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="os.SCHED_IDLE exists on Linux only")
 def test_a_task_runs_in_an_idle_priority_thread_and_gives_its_value():
     ran_in = []
 
@@ -31,7 +32,7 @@ def test_a_task_runs_in_an_idle_priority_thread_and_gives_its_value():
         return 42
 
     task = idle.IdleTask(work, "probe-task")
-    assert wait(task.done)
+    assert wait_for(task.done)
     assert task.result() == 42
     assert ran_in == [("probe-task", os.SCHED_IDLE)]  # computed once, in the background
 
@@ -49,10 +50,10 @@ def test_a_task_that_is_not_done_is_computed_by_the_caller():
         return "now"
 
     task = idle.IdleTask(work, "stuck")
-    assert wait(lambda: calls)  # the background call has started ...
+    assert wait_for(lambda: calls)  # the background call has started ...
     assert task.result() == "now"  # ... and the caller did not wait for it
     release.set()
-    assert wait(task.done)
+    assert wait_for(task.done)
 
 
 def test_a_failing_task_raises_its_error_in_the_caller():
@@ -60,15 +61,7 @@ def test_a_failing_task_raises_its_error_in_the_caller():
         raise OSError("cannot read model.params")
 
     task = idle.IdleTask(work)
-    assert wait(task.done)
+    assert wait_for(task.done)
     with pytest.raises(OSError, match="model.params"):
         task.result()
 
-
-def wait(condition, timeout=30.0):
-    done = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return True
-        done.wait(0.01)
-    return False

@@ -8,6 +8,7 @@ import pytest
 from stages import images
 from stages.common import StageError
 from stages.synthetic import encode_jpeg
+from tests.stages.waiting import wait_for
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -123,15 +124,6 @@ def test_an_unreadable_image_fails_when_its_batch_is_due(tmp_path):
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(StageError, match="cannot read image .*nope.jpg"):
         images.read_bgr(tmp_path / "nope.jpg")
-
-
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_a_head_start_loads_its_batches_before_the_consumer_asks_and_no_more(tmp_path):
